@@ -1,0 +1,304 @@
+"""PPO: Proximal Policy Optimization (Schulman et al., 2017, arXiv:1707.06347) for any policy family.
+
+Shape legend: T rollout steps (``n_steps``), N envs, O obs dim, A action dim, B minibatch,
+K chain steps of a per-step log-ratio (diffusion families).
+
+One iteration: collect T x N transitions with the current policy (``act`` returns the action and
+a behaviour *record*), compute values of every observation and of every next observation in two
+batched critic calls, GAE with time limits bootstrapped and terminations not, then ``n_epochs``
+passes of shuffled minibatches minimising
+
+    clipped surrogate(policy.log_ratio)  +  vf_coef * value loss  -  ent_coef * regularizer
+    + policy.auxiliary_loss (the family's own, e.g. PMOE's mixing-weight loss)
+
+with global-norm gradient clipping, optional target-KL early stop and linear learning-rate
+annealing. The policy family is never inspected: only the contract of ``policies.base``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from envs.base import BatchedEnv
+from genrl.advantages import gae
+from genrl.errors import ConfigError, NonFiniteLossError
+from genrl.losses import clipped_surrogate, explained_variance, value_loss
+from policies.base import PolicyModule, record_map
+from policies.nets import mlp
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters; defaults are the widely used MuJoCo settings (PPO paper, CleanRL, SB3)."""
+
+    n_steps: int = 2048
+    """Rollout length per env per iteration."""
+    n_minibatches: int = 32
+    n_epochs: int = 10
+    learning_rate: float = 3e-4
+    anneal_lr: bool = True
+    """Linearly decay the learning rate to 0 over the run."""
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    clip_vloss: bool = False
+    """Clip the value loss around the rollout values (PPO2 style) with ``clip_coef``."""
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    """Weight of the policy's regularizer (entropy for Gaussians)."""
+    max_grad_norm: float = 0.5
+    target_kl: float | None = None
+    """Stop the epoch loop when the minibatch approx-KL exceeds 1.5 x this (SB3's rule)."""
+    norm_adv: bool = True
+    """Normalise advantages per minibatch."""
+    critic_hidden: tuple[int, ...] = (64, 64)
+    critic_activation: str = "tanh"
+    adam_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_steps": self.n_steps >= 1,
+            "n_minibatches": self.n_minibatches >= 1,
+            "n_epochs": self.n_epochs >= 1,
+            "learning_rate": self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "gamma": 0.0 <= self.gamma <= 1.0,
+            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
+            "clip_coef": self.clip_coef > 0,
+            "vf_coef": self.vf_coef >= 0,
+            "ent_coef": math.isfinite(self.ent_coef),
+            "max_grad_norm": self.max_grad_norm > 0,
+            "target_kl": self.target_kl is None or self.target_kl > 0,
+            "adam_eps": self.adam_eps > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"invalid algo.{name} = {getattr(self, name)!r}")
+
+
+class Critic(nn.Module):
+    """State-value network V(s) (the critic belongs to the algorithm, not the policy)."""
+
+    def __init__(self, obs_dim: int, hidden: tuple[int, ...], activation: str) -> None:
+        super().__init__()
+        self.net = mlp(obs_dim, hidden, 1, activation, out_gain=1.0)
+
+    def forward(self, obs: Tensor) -> Tensor:  # (B, O) -> (B,)
+        return self.net(obs).squeeze(-1)
+
+
+class PPO:
+    """PPO over a batched env and any policy of the contract.
+
+    ``iterate()`` runs one rollout + update and returns metrics; ``state_dict()`` /
+    ``load_state_dict()`` capture everything needed for an exact resume (with the env's own).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyModule,
+        env: BatchedEnv,
+        config: PPOConfig,
+        *,
+        total_steps: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        spec = env.spec
+        if (policy.obs_dim, policy.action_dim) != (spec.obs_dim, spec.action_dim):
+            raise ConfigError(
+                f"policy dims (obs {policy.obs_dim}, action {policy.action_dim}) do not match "
+                f"{spec.env_id} (obs {spec.obs_dim}, action {spec.action_dim})"
+            )
+        batch = config.n_steps * spec.n_envs
+        if batch % config.n_minibatches:
+            raise ConfigError(
+                f"n_steps * n_envs = {batch} is not divisible by n_minibatches = {config.n_minibatches}"
+            )
+        self.policy, self.env, self.cfg = policy.to(device), env, config
+        self.device = torch.device(device)
+        self.critic = Critic(spec.obs_dim, tuple(config.critic_hidden), config.critic_activation).to(device)
+        params = list(policy.parameters()) + list(self.critic.parameters())
+        self.params = params
+        # fused Adam: one kernel per step instead of a dozen foreach ops (~15% of update time)
+        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps, fused=True)
+        self.total_steps = int(total_steps)
+        self.steps_per_iter = batch
+        self.n_iterations = max(1, math.ceil(self.total_steps / batch))
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.global_step = 0
+        self.iteration = 0
+        self.next_obs = env.reset(seed=seed).to(self.device)
+        self._storage: dict[str, Any] | None = None
+
+    # -- rollout ------------------------------------------------------------------------------
+    def _allocate(self, record: Any) -> dict[str, Any]:
+        T, N, O = self.cfg.n_steps, self.env.spec.n_envs, self.env.spec.obs_dim
+        z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=self.device)  # noqa: E731
+        return {
+            "obs": z(T, N, O),
+            "next_obs": z(T, N, O),  # obs after step t (final obs where the episode ended)
+            "reward": z(T, N),
+            "terminated": z(T, N, dtype=torch.bool),
+            "truncated": z(T, N, dtype=torch.bool),
+            "record": record_map(lambda x: z(T, *x.shape, dtype=x.dtype), record),
+        }
+
+    def collect(self) -> dict[str, float]:
+        """Fill the rollout storage with T x N transitions; returns episode statistics."""
+        ep_returns: list[float] = []
+        ep_lengths: list[int] = []
+        obs = self.next_obs
+        if self._storage is None:  # allocated outside inference mode: normal tensors for autograd
+            with torch.no_grad():
+                _, first = self.policy.act(obs, generator=torch.Generator().manual_seed(0))
+            self._storage = self._allocate(first)
+        s = self._storage
+        with torch.inference_mode():
+            obs = self._rollout(s, obs, ep_returns, ep_lengths)
+        self.next_obs = obs.clone()  # a normal tensor again (checkpoints, autograd)
+        self.global_step += self.steps_per_iter
+        stats: dict[str, float] = {"rollout/episodes": float(len(ep_returns))}
+        if ep_returns:
+            stats["rollout/ep_return"] = sum(ep_returns) / len(ep_returns)
+            stats["rollout/ep_length"] = sum(ep_lengths) / len(ep_lengths)
+        return stats
+
+    def _rollout(self, s: dict[str, Any], obs: Tensor, ep_returns: list[float], ep_lengths: list[int]) -> Tensor:
+        record_stores = list(vars(s["record"]).items())
+        for t in range(self.cfg.n_steps):
+            action, record = self.policy.act(obs, generator=self.generator)
+            s["obs"][t] = obs
+            for name, store in record_stores:
+                store[t] = getattr(record, name)
+            out = self.env.step(action)
+            s["reward"][t] = out.reward
+            s["terminated"][t] = out.terminated
+            s["truncated"][t] = out.truncated
+            s["next_obs"][t] = out.final_obs
+            obs = out.obs.to(self.device)
+            ep_returns += out.episode_returns
+            ep_lengths += out.episode_lengths
+        return obs
+
+    # -- update -------------------------------------------------------------------------------
+    def ppo_loss(
+        self, obs: Tensor, record: Any, advantages: Tensor, returns: Tensor, old_values: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total minibatch loss and its detached terms."""
+        cfg = self.cfg
+        if cfg.norm_adv and advantages.numel() > 1:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        log_ratio = self.policy.log_ratio(obs, record)
+        pg_loss, stats = clipped_surrogate(log_ratio, advantages, cfg.clip_coef)
+        v_loss = value_loss(self.critic(obs), returns, old_values, cfg.clip_coef if cfg.clip_vloss else None)
+        loss = pg_loss + cfg.vf_coef * v_loss
+        stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach())
+        reg = self.policy.regularizer(obs, record) if cfg.ent_coef != 0 else None
+        if reg is not None:
+            reg_mean = reg.mean()
+            loss = loss - cfg.ent_coef * reg_mean
+            stats["entropy"] = reg_mean.detach()
+        aux = self.policy.auxiliary_loss(obs, record, returns)
+        if aux is not None:
+            aux_loss, aux_stats = aux
+            loss = loss + aux_loss
+            stats["aux_loss"] = aux_loss.detach()
+            stats.update(aux_stats)
+        if not torch.isfinite(loss):
+            bad = [k for k, v in stats.items() if not torch.isfinite(v).all()]
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} (terms: {', '.join(bad) or 'total'})"
+            )
+        return loss, stats
+
+    def update(self) -> dict[str, float]:
+        """GAE over the stored rollout, then the epoch/minibatch loop."""
+        cfg, s = self.cfg, self._storage
+        assert s is not None, "collect() must run before update()"
+        T, N = cfg.n_steps, self.env.spec.n_envs
+        if cfg.anneal_lr:
+            frac = 1.0 - self.iteration / self.n_iterations
+            self.optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
+        with torch.no_grad():
+            values = self.critic(s["obs"].view(T * N, -1)).view(T, N)
+            next_values = self.critic(s["next_obs"].view(T * N, -1)).view(T, N)
+        advantages, returns = gae(
+            s["reward"], values, next_values, s["terminated"], s["truncated"], cfg.gamma, cfg.gae_lambda
+        )
+        b_obs = s["obs"].view(T * N, -1)
+        b_rec = record_map(lambda x: x.reshape(T * N, *x.shape[2:]), s["record"])
+        b_adv, b_ret, b_val = advantages.view(-1), returns.view(-1), values.view(-1)
+        batch, mb = T * N, T * N // cfg.n_minibatches
+        sums: dict[str, Tensor] = {}
+        n_updates, stop = 0, False
+        for _ in range(cfg.n_epochs):
+            perm = torch.randperm(batch, generator=self.generator).to(self.device)
+            for start in range(0, batch, mb):
+                idx = perm[start : start + mb]
+                rec = record_map(lambda x: x[idx], b_rec)
+                loss, stats = self.ppo_loss(b_obs[idx], rec, b_adv[idx], b_ret[idx], b_val[idx])
+                if cfg.target_kl is not None and stats["approx_kl"] > 1.5 * cfg.target_kl:
+                    stop = True
+                    break
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+                if not torch.isfinite(grad_norm):
+                    raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step}")
+                self.optimizer.step()
+                stats["grad_norm"] = grad_norm
+                for k, v in stats.items():  # tensors: one conversion per update, not per minibatch
+                    sums[k] = sums[k] + v if k in sums else v
+                n_updates += 1
+            if stop:
+                break
+        self.iteration += 1
+        out = {f"train/{k}": float(v) / max(n_updates, 1) for k, v in sums.items()}
+        if "entropy" not in sums:
+            with torch.no_grad():
+                reg = self.policy.regularizer(b_obs, b_rec)
+            if reg is not None:
+                out["train/entropy"] = float(reg.mean())
+        out["train/explained_variance"] = explained_variance(b_val, b_ret)
+        out["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
+        out["train/n_updates"] = float(n_updates)
+        out["train/early_stop"] = float(stop)
+        return out
+
+    def iterate(self) -> dict[str, float]:
+        """One rollout + one update; returns the metrics of both and time/sps."""
+        t0 = time.perf_counter()
+        metrics = self.collect()
+        t1 = time.perf_counter()
+        metrics.update(self.update())
+        t2 = time.perf_counter()
+        metrics["time/sps"] = self.steps_per_iter / (t2 - t0)
+        metrics["time/rollout_s"] = t1 - t0
+        metrics["time/update_s"] = t2 - t1
+        return metrics
+
+    # -- exact resume -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (critic, next obs, rng) + optimizer state + counters; the env saves its own."""
+        return {
+            "critic": self.critic.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "next_obs": self.next_obs.cpu(),
+            "generator": self.generator.get_state(),
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.next_obs = state["next_obs"].to(self.device)
+        self.generator.set_state(state["generator"])
+        self.global_step = int(state["global_step"])
+        self.iteration = int(state["iteration"])

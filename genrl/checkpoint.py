@@ -1,0 +1,125 @@
+"""Checkpoints: one folder per env step, written atomically, no pickle anywhere.
+
+    <run>/checkpoints/<step>/
+        policy/config.json, policy/model.safetensors   the policy (loadable on its own)
+        trainer.safetensors    critic weights, next observation, RNG states
+        optimizer.pt           optimizer state, loaded with ``weights_only=True``
+        env.safetensors        simulator, normaliser and episode-accumulator arrays
+        state.json             counters, family, algo, env meta (RNG states of the sub-envs)
+
+A checkpoint is first written to ``checkpoints/.tmp-<step>-<pid>/`` and renamed into place, so
+any folder whose name is a number is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from genrl.errors import CheckpointError
+
+FORMAT_VERSION = 1
+_FILES = ("policy/config.json", "policy/model.safetensors", "trainer.safetensors", "optimizer.pt", "env.safetensors", "state.json")
+
+
+def checkpoint_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints of a run, ascending."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint folder; CheckpointError if there is none."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise CheckpointError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+    return Path(run_dir) / "checkpoints" / str(steps[-1])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    policy: Any,
+    trainer_tensors: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    env_state: dict[str, Any],
+    state: dict[str, Any],
+) -> Path:
+    """Write a checkpoint for ``step`` atomically and return its folder."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        policy.save_pretrained(tmp / "policy")
+        save_file({k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        env_arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in env_state["arrays"].items()}
+        save_file(env_arrays, str(tmp / "env.safetensors"))
+        # safetensors does not keep 0-d shapes: record every array's shape beside it
+        shapes = {k: list(np.shape(v)) for k, v in env_state["arrays"].items()}
+        meta = dict(state, format_version=FORMAT_VERSION, env_meta=env_state["meta"], env_shapes=shapes)
+        (tmp / "state.json").write_text(json.dumps(meta))
+        final = root / str(step)
+        if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
+            old = root / f".old-{step}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        return final
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint folder (policy excluded: use ``policies.load_pretrained(path/'policy')``).
+
+    Returns {"trainer": tensors, "optimizer": state, "env": {"arrays", "meta"}, "state": json}.
+    Raises CheckpointError on missing files, corrupt content or a foreign format.
+    """
+    path = Path(path)
+    missing = [f for f in _FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete genrl checkpoint (missing {', '.join(missing)})")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupt {path / 'state.json'}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {state.get('format_version') if isinstance(state, dict) else '?'}, "
+            f"this genrl reads {FORMAT_VERSION}"
+        )
+    try:
+        trainer = load_file(str(path / "trainer.safetensors"))
+        shapes = state.pop("env_shapes", {})
+        env_arrays = {
+            k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in load_file(str(path / "env.safetensors")).items()
+        }
+    except Exception as exc:
+        raise CheckpointError(f"corrupt tensors in {path}: {exc}") from None
+    try:
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as exc:  # a pickled payload with globals is refused here
+        raise CheckpointError(f"refusing or unable to load {path / 'optimizer.pt'}: {str(exc).splitlines()[0]}") from None
+    return {
+        "trainer": trainer,
+        "optimizer": optimizer,
+        "env": {"arrays": env_arrays, "meta": state.pop("env_meta", None)},
+        "state": state,
+    }

@@ -1,0 +1,164 @@
+"""``genrl train | eval | plot``: the command line over the Python API.
+
+Errors in the input (unknown ids, invalid values, missing or corrupt checkpoints) print one
+line on stderr and exit with status 2; no traceback (set GENRL_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from genrl.errors import GenrlError
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: TOML scalar/array syntax, falling back to a bare string."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        data = data.setdefault(k, {})
+        if not isinstance(data, dict):
+            raise GenrlError(f"--set {dotted}: '{k}' is not a section")
+    data[keys[-1]] = value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genrl", description="RL with generative policies.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a policy (or --resume a run)")
+    t.add_argument("--env", help="gymnasium id, e.g. Hopper-v5")
+    t.add_argument("--policy", help="policy family: gaussian | pmoe")
+    t.add_argument("--algo", help="algorithm: ppo")
+    t.add_argument("--steps", type=int, help="total env steps")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--out", help="run folder")
+    t.add_argument("--n-envs", type=int, dest="n_envs")
+    t.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N env steps")
+    t.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N env steps")
+    t.add_argument("--eval-episodes", type=int, dest="eval_episodes")
+    t.add_argument("--device", help="cpu | cuda | cuda:N")
+    t.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any field, e.g. ppo.learning_rate=1e-4")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="evaluate a run's final (or chosen) checkpoint")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    e.add_argument("--video", action="store_true", help="write <run>/videos/eval-<step>.mp4 of the first episode")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic mode")
+
+    pl = sub.add_parser("plot", help="learning curves from runs' progress.csv")
+    pl.add_argument("runs", nargs="+")
+    pl.add_argument("-o", "--out", default="curves.png")
+    return p
+
+
+def _train(args: argparse.Namespace) -> int:
+    from genrl.config import config_from_dict, load_config_file, merge
+    from genrl.trainer import train
+
+    if args.resume:
+        given = [k for k in ("env", "policy", "algo", "steps", "seed", "out", "n_envs", "config") if getattr(args, k) is not None]
+        if given or args.set:
+            raise GenrlError(f"--resume takes the run's own config; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--set'}")
+        run = train(resume=args.resume)
+    else:
+        data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+        flags = {
+            "env.env_id": args.env,
+            "policy": args.policy,
+            "algo": args.algo,
+            "run.total_steps": args.steps,
+            "run.seed": args.seed,
+            "run.out": args.out,
+            "env.n_envs": args.n_envs,
+            "run.save_every": args.save_every,
+            "run.eval_every": args.eval_every,
+            "run.eval_episodes": args.eval_episodes,
+            "run.device": args.device,
+        }
+        over: dict[str, Any] = {}
+        for key, value in flags.items():
+            if value is not None:
+                _set_path(over, key, value)
+        if args.no_progress:
+            _set_path(over, "run.progress", False)
+        for item in args.set:
+            if "=" not in item:
+                raise GenrlError(f"--set expects KEY=VALUE, got '{item}'")
+            key, value = item.split("=", 1)
+            _set_path(over, key.strip(), _parse_value(value.strip()))
+        cfg = config_from_dict(merge(data, over))
+        from envs import check_env_id
+
+        check_env_id(cfg.env.env_id)
+        run = train(cfg)
+    print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from genrl.checkpoint import latest_checkpoint
+    from genrl.checkpoint import load_checkpoint
+    from genrl.evaluate import evaluate
+    from genrl.trainer import load_run_config
+    from policies.base import PolicyLoadError, load_pretrained
+
+    run = Path(args.run)
+    cfg = load_run_config(run)
+    ckpt = run / "checkpoints" / str(args.step) if args.step is not None else latest_checkpoint(run)
+    data = load_checkpoint(ckpt)
+    try:
+        policy = load_pretrained(ckpt / "policy")
+    except PolicyLoadError as exc:
+        raise GenrlError(str(exc)) from None
+    arrays = data["env"]["arrays"]
+    norm = {k: arrays[f"obs_rms.{k}"] for k in ("mean", "var", "count")} if "obs_rms.mean" in arrays else None
+    video = run / "videos" / f"eval-{ckpt.name}.mp4" if args.video else None
+    res = evaluate(policy, cfg.env, norm, episodes=args.episodes, seed=args.seed, deterministic=not args.stochastic, video_path=video)
+    print(f"{cfg.env.env_id} {cfg.policy} step {ckpt.name}: return {res['eval/return_mean']:.2f} +/- {res['eval/return_std']:.2f} over {args.episodes} episodes")
+    if video is not None:
+        print(f"video: {video}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from genrl.plot import plot_runs
+
+    print(plot_runs(args.runs, args.out))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": _train, "eval": _eval, "plot": _plot}
+    try:
+        return handlers[args.command](args)
+    except (GenrlError, ValueError, FileNotFoundError, TypeError) as exc:
+        if os.environ.get("GENRL_DEBUG"):
+            raise
+        print(f"genrl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genrl: interrupted; the newest complete checkpoint is intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Typed run configuration: frozen dataclasses, strict loading from dicts, TOML and YAML.
+
+``TrainConfig(env, policy, policy_config, algo, ppo, run)`` is the single source of truth; it
+is written to ``<out>/config.json`` and read back on resume. Unknown keys are errors that
+suggest the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from genrl.algos.ppo import PPOConfig
+from genrl.errors import ConfigError
+
+ALGOS = ("ppo",)
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    env_id: str = "Hopper-v5"
+    """Any registered gymnasium id with Box observations and actions."""
+    n_envs: int = 1
+    vectorization: str = "sync"
+    """"sync" (fastest on few cores) or "async" (one subprocess per env)."""
+    normalize_obs: bool = True
+    normalize_reward: bool = True
+    clip_obs: float = 10.0
+    clip_reward: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.n_envs < 1:
+            raise ConfigError(f"invalid env.n_envs = {self.n_envs} (must be >= 1)")
+        if self.vectorization not in ("sync", "async"):
+            raise ConfigError(f"invalid env.vectorization = {self.vectorization!r}; valid: sync, async")
+        if not (self.clip_obs > 0 and self.clip_reward > 0):
+            raise ConfigError("env.clip_obs and env.clip_reward must be positive")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    total_steps: int = 1_000_000
+    """Environment steps (summed over envs); rounded up to whole iterations."""
+    seed: int = 1
+    out: str = "runs/run"
+    save_every: int = 0
+    """Write a checkpoint every this many env steps (0: only at the end)."""
+    eval_every: int = 0
+    """Evaluate every this many env steps (0: only at the end)."""
+    eval_episodes: int = 10
+    progress: bool = True
+    """Show a progress bar."""
+    torch_threads: int = 1
+    """Intra-op threads; 1 is fastest for small MLPs and avoids oversubscription."""
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ConfigError(f"invalid run.total_steps = {self.total_steps} (must be >= 1)")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise ConfigError("run.save_every and run.eval_every must be >= 0")
+        if self.eval_episodes < 1:
+            raise ConfigError(f"invalid run.eval_episodes = {self.eval_episodes} (must be >= 1)")
+        if self.torch_threads < 1:
+            raise ConfigError(f"invalid run.torch_threads = {self.torch_threads}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"invalid run.device = {self.device!r}; valid: cpu, cuda, cuda:N")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: str = "gaussian"
+    """Policy family: a key of policies.POLICY_FAMILIES."""
+    policy_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of the family's config dataclass (e.g. hidden_sizes, n_experts)."""
+    algo: str = "ppo"
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        from policies.base import POLICY_FAMILIES
+
+        if self.policy not in POLICY_FAMILIES:
+            raise ConfigError(
+                f"unknown policy '{self.policy}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}"
+            )
+        if self.algo not in ALGOS:
+            raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(ALGOS)}")
+
+    def policy_config_object(self) -> Any:
+        """The family's config dataclass built (strictly) from ``policy_config``."""
+        from policies.base import config_from_dict, resolve_family
+
+        cls = resolve_family(self.policy).config_class
+        try:
+            return config_from_dict(cls, self.policy_config)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid policy_config for '{self.policy}': {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Strictly build dataclass ``cls`` from ``data``; nested dataclasses recurse."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table/mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{key}' in [{where}]{hint} valid: {', '.join(fields)}")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[key] = _build(hint_t, value, f"{where}.{key}" if where else key)
+        else:
+            kwargs[key] = _coerce(value, fields[key].default, f"{where}.{key}" if where else key)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """Check a value against its default's type; lists become tuples where tuples are expected."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true/false, got {value!r}")
+    elif isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if math.isnan(value):
+            raise ConfigError(f"{name} must not be NaN")
+    elif isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        value = tuple(value)
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from nested plain data, rejecting unknown keys and bad types."""
+    return _build(TrainConfig, data, "")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file of TrainConfig fields into plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+            return data or {}
+        if path.suffix == ".json":
+            return json.loads(text)
+    except Exception as exc:  # parse errors of three libraries
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    raise ConfigError(f"unsupported config file type '{path.suffix}' (use .toml, .yaml, .yml or .json)")
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``override`` wins."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out

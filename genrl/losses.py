@@ -1,0 +1,45 @@
+"""PPO-family loss terms as pure functions returning (loss, detached diagnostics).
+
+Shapes: B batch, K per-sample chain steps (a log-ratio may be (B,) or (B, K); a (B,) advantage
+is broadcast over K, as TorchRL does).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_coef: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """L = -E[min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)] with rho = exp(log_ratio).
+
+    Returns the loss and {"clip_fraction", "approx_kl"}; approx_kl is the k3 estimator
+    E[(rho - 1) - log rho] (Schulman, "Approximating KL divergence").
+    """
+    adv = advantages.reshape(advantages.shape[0], *([1] * (log_ratio.ndim - 1)))
+    ratio = log_ratio.exp()
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * adv
+    loss = -torch.minimum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "clip_fraction": ((ratio - 1.0).abs() > clip_coef).float().mean(),
+            "approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, returns: Tensor, old_values: Tensor, clip_coef: float | None
+) -> Tensor:
+    """0.5 * E[(V - R)^2], or with ``clip_coef`` the pessimistic clipped form of PPO2."""
+    if clip_coef is None:
+        return 0.5 * (values - returns).square().mean()
+    clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    return 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square()).mean()
+
+
+def explained_variance(pred: Tensor, target: Tensor) -> float:
+    """1 - Var[target - pred] / Var[target]; nan when the target is constant."""
+    var = target.var()
+    return float("nan") if var == 0 else float(1.0 - (target - pred).var() / var)

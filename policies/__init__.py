@@ -1,0 +1,28 @@
+"""Policy families behind one small contract (see ``policies.base``).
+
+Imports torch only; never ``genrl`` or ``envs``.
+"""
+
+from policies.base import (
+    POLICY_FAMILIES,
+    PolicyLoadError,
+    PolicyModule,
+    check_detached,
+    load_pretrained,
+    record_map,
+    resolve_family,
+)
+from policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
+
+__all__ = [
+    "POLICY_FAMILIES",
+    "GaussianConfig",
+    "GaussianPolicy",
+    "GaussianRecord",
+    "PolicyLoadError",
+    "PolicyModule",
+    "check_detached",
+    "load_pretrained",
+    "record_map",
+    "resolve_family",
+]

@@ -1,0 +1,213 @@
+"""The policy contract every family fits, and the save/load format they share.
+
+Shapes used in every policy module: B batch, A action dim, K chain steps, M experts.
+
+What a PPO/GRPO loss needs from a policy, and nothing more:
+
+* ``act(obs) -> (action, record)``: sample (or, with ``deterministic=True``, pick) an action and
+  return a *record* of the sampling: a frozen dataclass of detached, batch-first tensors holding
+  whatever the family needs later to score that action again (the action itself, its log-prob,
+  noises, latents, time steps, a denoising chain ...).
+* ``log_ratio(obs, record) -> Tensor``: log pi_theta(action | obs) - log pi_old(action | obs) for
+  the current parameters against the behaviour record, shape (B,) or (B, K) for per-step chains.
+  It is exactly 0 when the parameters have not changed since ``act``.
+* ``regularizer(obs, record) -> Tensor | None``: a per-sample bonus the loss *maximises* with a
+  weight (the entropy for a Gaussian; a family's own regulariser otherwise), shape (B,).
+* ``auxiliary_loss(obs, record, returns) -> (loss, stats) | None``: a loss of the family's own
+  that is minimised alongside the policy loss (e.g. PMOE's mixing-weight loss), or None.
+
+The trainer never branches on the family: it stores records blindly (``record_map``), and asks
+the policy for these quantities. Policies are ``torch.nn.Module``s; ``save_pretrained`` writes
+``config.json`` + ``model.safetensors`` (no pickle), ``load_pretrained`` rebuilds any family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, ClassVar, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+
+#: family name -> "module:Class". The CLI names are the keys.
+POLICY_FAMILIES: dict[str, str] = {
+    "gaussian": "policies.gaussian:GaussianPolicy",
+    "pmoe": "policies.pmoe:PMOEPolicy",
+}
+
+R = TypeVar("R")
+
+
+class PolicyLoadError(ValueError):
+    """A saved policy is missing, corrupt, or of a foreign family or format."""
+
+
+def record_map(fn: Callable[[Tensor], Tensor], record: R) -> R:
+    """Apply ``fn`` to every tensor field of a record dataclass and return a new record."""
+    return dataclasses.replace(
+        record, **{f.name: fn(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    )
+
+
+def check_detached(record: Any) -> None:
+    """Raise if a record tensor carries gradient: an old log-prob must be a constant."""
+    for f in dataclasses.fields(record):
+        if getattr(record, f.name).requires_grad:
+            raise RuntimeError(
+                f"record field '{f.name}' requires grad; behaviour records must be detached"
+            )
+
+
+def resolve_family(name: str) -> type[PolicyModule]:
+    """Import the policy class registered under ``name``; a miss lists the valid names."""
+    if name not in POLICY_FAMILIES:
+        raise ValueError(
+            f"unknown policy '{name}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}"
+        )
+    module, cls = POLICY_FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+class PolicyModule(nn.Module):
+    """The one base class of every policy family: input checks and the save/load format.
+
+    Subclasses set ``family`` and ``config_class`` and take ``(obs_dim, action_dim, config)``.
+    """
+
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+
+    def __init__(self, obs_dim: int, action_dim: int, config: Any) -> None:
+        super().__init__()
+        if obs_dim <= 0 or action_dim <= 0:
+            raise ValueError(f"obs_dim and action_dim must be positive, got {obs_dim}, {action_dim}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        self.obs_dim = int(obs_dim)
+        self.action_dim = int(action_dim)
+        self.config = config
+
+    # -- the contract (families override) ----------------------------------------------------
+    def act(
+        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def log_ratio(self, obs: Tensor, record: Any) -> Tensor:
+        raise NotImplementedError
+
+    def regularizer(self, obs: Tensor, record: Any) -> Tensor | None:
+        return None
+
+    def auxiliary_loss(
+        self, obs: Tensor, record: Any, returns: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        return None
+
+    # -- input checks ---------------------------------------------------------------------------
+    def check_obs(self, obs: Tensor) -> None:
+        """Raise a ValueError naming the expected shape when ``obs`` is not (B, obs_dim)."""
+        if not isinstance(obs, Tensor):
+            raise TypeError(f"obs must be a torch.Tensor, got {type(obs).__name__}")
+        if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
+            raise ValueError(
+                f"obs has shape {tuple(obs.shape)}, expected (B, {self.obs_dim}) for this {self.family} policy"
+            )
+
+    # -- save / load ----------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """The JSON written as config.json: family, format version, dims and the config."""
+        return {
+            "family": self.family,
+            "format_version": FORMAT_VERSION,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "config": config_to_dict(self.config),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(directory / "model.safetensors", lambda p: save_file(state, str(p)))
+        text = json.dumps(self.describe(), indent=2)
+        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(text))
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a flat dataclass config strictly: unknown keys are an error."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = names[key].default
+        kwargs[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def load_pretrained(directory: str | os.PathLike, family: str | None = None) -> PolicyModule:
+    """Rebuild a policy saved by ``save_pretrained``.
+
+    Args:
+        directory: folder holding ``config.json`` and ``model.safetensors``.
+        family: if given, the saved family must be this one.
+    Raises:
+        PolicyLoadError: missing files, corrupt content, a foreign family or format version.
+    """
+    directory = Path(directory)
+    cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise PolicyLoadError(f"no saved policy in {directory} (need config.json and model.safetensors)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PolicyLoadError(f"corrupt {cfg_path}: {exc}") from None
+    if not isinstance(meta, dict) or "family" not in meta:
+        raise PolicyLoadError(f"{cfg_path} is not a genrl policy config")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PolicyLoadError(
+            f"{cfg_path} has format_version {meta.get('format_version')}, this genrl reads {FORMAT_VERSION}"
+        )
+    if family is not None and meta["family"] != family:
+        raise PolicyLoadError(f"{directory} holds a '{meta['family']}' policy, expected '{family}'")
+    cls = resolve_family(meta["family"])
+    policy = cls(meta["obs_dim"], meta["action_dim"], config_from_dict(cls.config_class, meta["config"]))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types on corrupt headers
+        raise PolicyLoadError(f"corrupt {weights}: {exc}") from None
+    try:
+        policy.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PolicyLoadError(f"{weights} does not match the saved config: {str(exc).splitlines()[0]}") from None
+    return policy
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temp file in the same folder, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

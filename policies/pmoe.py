@@ -1,0 +1,254 @@
+"""Probabilistic Mixture-of-Experts policy (PMOE; Ren et al., arXiv 2104.09122) for PPO.
+
+pi(a|s) = sum_k alpha_k(s) N(a; mu_k(s), diag(sigma_k^2)): one shared trunk gives M expert means,
+each expert has its own state-independent log sigma, and a softmax mixing head gives alpha(s).
+Acting samples k ~ Cat(alpha(s)) and then a ~ N(mu_k, sigma_k). PPO's ratio uses the full mixture
+log-likelihood (logsumexp), so the clipped loss also trains alpha. Sampling k is not
+differentiable; ``auxiliary_loss`` trains alpha with one of three estimators, scored by an
+auxiliary Q(s, a) network regressed on the PPO return targets:
+
+* ``"pmoe"`` (frequency approximate gradient, default): draw one reparameterised action from
+  every expert, k* = argmax_k Q(s, a_k), minimise sum_k (alpha_k - onehot(k*)_k)^2. In expectation
+  alpha_k(s) -> P(expert k wins at s).
+* ``"gumbel"``: a = sum_k y_k a_k with y a Gumbel-Softmax sample of alpha; minimise -Q(s, a).
+* ``"score"``: REINFORCE, -log alpha_k (Q(s, a_k) - sum_j alpha_j Q(s, a_j)) with k ~ Cat(alpha).
+
+Only alpha learns from the mixing loss: expert samples are detached and Q's parameters are frozen
+there (Q learns only from its regression loss). Keep Q out of the policy's grad-norm clipping
+(``q_parameters``) if PPO gradients must match a Gaussian policy exactly at K = 1.
+
+Shapes: B batch, A action dim, M experts (``n_experts``, K in the paper), D obs dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from policies.base import PolicyModule, check_detached
+from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
+
+ESTIMATORS = ("pmoe", "gumbel", "score")
+MIXING_INPUTS = ("obs", "features")
+DETERMINISTIC_EXPERTS = ("sample", "argmax")
+
+
+@dataclass(frozen=True)
+class PMOEConfig:
+    n_experts: int = 5
+    """Number of Gaussian experts M (5 in the co-author PPO script, 4 in the official SAC code)."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Hidden layer widths of the shared actor trunk."""
+    activation: str = "tanh"
+    log_std_init: float = 0.0
+    """Initial state-independent log sigma of every expert and action dimension."""
+    estimator: str = "pmoe"
+    """Mixing-weight gradient estimator: "pmoe" | "gumbel" | "score"."""
+    gumbel_tau: float = 1.0
+    gumbel_hard: bool = False
+    """Straight-through Gumbel-Softmax: exact one-hot forward, relaxed backward."""
+    q_hidden_sizes: tuple[int, ...] = (64, 64, 64)
+    """Hidden widths (ReLU) of the auxiliary Q(s, a) network."""
+    mixing_input: str = "obs"
+    """"obs": linear head on raw obs (co-author PPO); "features": on the detached last hidden layer (official)."""
+    deterministic_expert: str = "sample"
+    """Expert used by ``act(deterministic=True)``: "sample" k ~ alpha (official code) or "argmax"."""
+    mixing_coef: float = 1.0
+    q_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        if int(self.n_experts) != self.n_experts or self.n_experts < 1:
+            raise ValueError(f"n_experts must be an integer >= 1, got {self.n_experts}")
+        if not self.hidden_sizes or any(int(h) <= 0 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive integers, got {self.hidden_sizes}")
+        if any(int(h) <= 0 for h in self.q_hidden_sizes):
+            raise ValueError(f"q_hidden_sizes must be positive integers, got {self.q_hidden_sizes}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation '{self.activation}'; valid: {sorted(ACTIVATIONS)}")
+        if not math.isfinite(self.log_std_init):
+            raise ValueError(f"log_std_init must be finite, got {self.log_std_init}")
+        for name, value, valid in (
+            ("estimator", self.estimator, ESTIMATORS),
+            ("mixing_input", self.mixing_input, MIXING_INPUTS),
+            ("deterministic_expert", self.deterministic_expert, DETERMINISTIC_EXPERTS),
+        ):
+            if value not in valid:
+                raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
+        if not (math.isfinite(self.gumbel_tau) and self.gumbel_tau > 0):
+            raise ValueError(f"gumbel_tau must be a finite number > 0, got {self.gumbel_tau}")
+        for name in ("mixing_coef", "q_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class PMOERecord:
+    action: Tensor  # (B, A) the sampled action, before any clipping by the env
+    log_prob: Tensor  # (B,) mixture log pi_old(action | obs)
+
+
+def gumbel_softmax_weights(
+    logits: Tensor, tau: float, hard: bool = False, generator: torch.Generator | None = None
+) -> Tensor:
+    """y = softmax((logits + g) / tau), g ~ Gumbel(0, 1): (..., M) -> (..., M).
+
+    With ``hard`` the forward value is exactly onehot(argmax y) and the gradient is that of y
+    (straight-through).
+    """
+    expo = torch.empty_like(logits).exponential_(generator=generator)  # -log Exp(1) ~ Gumbel(0, 1)
+    y = torch.softmax((logits - expo.log()) / tau, dim=-1)
+    if not hard:
+        return y
+    one_hot = F.one_hot(y.argmax(-1), y.shape[-1]).to(y.dtype)
+    return one_hot + (y - y.detach())  # forward: exactly one_hot
+
+
+def score_function_surrogate(
+    log_alpha: Tensor, q: Tensor, generator: torch.Generator | None = None
+) -> Tensor:
+    """Per-sample REINFORCE surrogate, (B, M), (B, M) -> (B,).
+
+    k ~ Cat(alpha), returns log alpha_k * (q_k - b) with the baseline b = sum_j alpha_j q_j and
+    everything but log alpha_k detached; its gradient is an unbiased estimate of
+    grad sum_k alpha_k q_k.
+    """
+    alpha = log_alpha.detach().exp()
+    k = torch.multinomial(alpha, 1, generator=generator)  # (B, 1)
+    baseline = (alpha * q.detach()).sum(-1)  # (B,)
+    advantage = q.detach().gather(-1, k).squeeze(-1) - baseline
+    return log_alpha.gather(-1, k).squeeze(-1) * advantage
+
+
+class PMOEPolicy(PolicyModule):
+    """Gaussian mixture policy; ``regularizer`` is an entropy upper bound, ``auxiliary_loss``
+    the Q regression plus the mixing-weight loss."""
+
+    family = "pmoe"
+    config_class = PMOEConfig
+
+    def __init__(self, obs_dim: int, action_dim: int, config: PMOEConfig | None = None) -> None:
+        super().__init__(obs_dim, action_dim, config or PMOEConfig())
+        cfg = self.config
+        hidden, m = tuple(int(h) for h in cfg.hidden_sizes), int(cfg.n_experts)
+        self.n_experts = m
+        # Trunk = every layer of a Gaussian mean net but the last; mean_head = that last layer.
+        trunk = mlp(obs_dim, hidden[:-1], hidden[-1], cfg.activation, out_gain=math.sqrt(2.0))
+        self.trunk = nn.Sequential(*trunk, ACTIVATIONS[cfg.activation]())
+        self.mean_head = mlp(hidden[-1], (), m * action_dim, out_gain=0.01)[0]
+        self.log_std = nn.Parameter(torch.full((m, action_dim), float(cfg.log_std_init)))
+        mix_in = obs_dim if cfg.mixing_input == "obs" else hidden[-1]
+        self.mixing_head = mlp(mix_in, (), m, out_gain=0.01)[0]  # near-uniform alpha at init
+        self.q = mlp(obs_dim + action_dim, tuple(int(h) for h in cfg.q_hidden_sizes), 1, "relu")
+
+    def q_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the auxiliary Q network (not part of pi)."""
+        return self.q.parameters()
+
+    def mixture(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(log alpha (B, M), means (B, M, A), log_std (M, A))."""
+        features = self.trunk(obs)  # (B, H)
+        means = self.mean_head(features).view(obs.shape[0], self.n_experts, self.action_dim)
+        mix_in = obs if self.config.mixing_input == "obs" else features.detach()
+        return torch.log_softmax(self.mixing_head(mix_in), dim=-1), means, self.log_std
+
+    def q_value(self, obs: Tensor, action: Tensor, *, frozen: bool = False) -> Tensor:
+        """Q(s, a): obs (B, D), action (B, A) -> (B,) or (B, M, A) -> (B, M).
+
+        ``frozen`` evaluates Q with detached parameters: gradients reach the action, not Q.
+        """
+        if action.ndim == obs.ndim + 1:
+            obs = obs.unsqueeze(-2).expand(*action.shape[:-1], obs.shape[-1])
+        x = torch.cat([obs, action], dim=-1)
+        if frozen:
+            params = {n: p.detach() for n, p in self.q.named_parameters()}
+            return torch.func.functional_call(self.q, params, (x,)).squeeze(-1)
+        return self.q(x).squeeze(-1)
+
+    def act(
+        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, PMOERecord]:
+        """k ~ Cat(alpha(s)), a ~ N(mu_k, sigma_k). ``deterministic`` gives a = mu_k, with k still
+        *sampled* from alpha (official code) unless ``deterministic_expert="argmax"``."""
+        self.check_obs(obs)
+        log_alpha, means, log_std = self.mixture(obs)
+        if self.n_experts == 1:  # nothing to draw: the same random stream as a Gaussian policy
+            k = torch.zeros(obs.shape[0], dtype=torch.long, device=obs.device)
+        elif deterministic and self.config.deterministic_expert == "argmax":
+            k = log_alpha.argmax(-1)
+        else:
+            k = torch.multinomial(log_alpha.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+        mean = means[torch.arange(obs.shape[0], device=obs.device), k]  # (B, A)
+        if deterministic:
+            action = mean
+        else:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            action = mean + noise * log_std[k].exp()
+        log_prob = self._mixture_log_prob(action, log_alpha, means, log_std)
+        return action.detach(), PMOERecord(action.detach(), log_prob.detach())
+
+    @staticmethod
+    def _mixture_log_prob(action: Tensor, log_alpha: Tensor, means: Tensor, log_std: Tensor) -> Tensor:
+        per_expert = diag_gaussian_log_prob(action.unsqueeze(-2), means, log_std)  # (B, M)
+        return torch.logsumexp(log_alpha + per_expert, dim=-1)  # (B,)
+
+    def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
+        """log sum_k alpha_k N(a; mu_k, sigma_k) via logsumexp, shape (B,)."""
+        return self._mixture_log_prob(action, *self.mixture(obs))
+
+    def log_ratio(self, obs: Tensor, record: PMOERecord) -> Tensor:
+        check_detached(record)
+        return self.log_prob(obs, record.action) - record.log_prob
+
+    def regularizer(self, obs: Tensor, record: PMOERecord) -> Tensor:
+        """Entropy upper bound H(alpha) + sum_k alpha_k H(N_k), shape (B,).
+
+        A mixture has no closed-form entropy; this bound (H[a] <= H[a, k]) is differentiable and
+        noise-free, unlike -log pi(a|s) at one sample, and is exact for M = 1.
+        """
+        log_alpha, _, log_std = self.mixture(obs)
+        expert_entropy = (log_std + LOG_SQRT_2PI + 0.5).sum(-1)  # (M,)
+        alpha = log_alpha.exp()
+        return -(alpha * log_alpha).sum(-1) + (alpha * expert_entropy).sum(-1)
+
+    def mixing_loss(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The configured estimator's loss for alpha (scalar); experts and Q get no gradient."""
+        log_alpha, means, log_std = self.mixture(obs)
+        noise = torch.randn(means.shape, generator=generator, dtype=means.dtype, device=means.device)
+        samples = (means + noise * log_std.exp()).detach()  # (B, M, A) one per expert
+        estimator = self.config.estimator
+        if estimator == "gumbel":
+            y = gumbel_softmax_weights(log_alpha, self.config.gumbel_tau, self.config.gumbel_hard, generator)
+            action = (y.unsqueeze(-1) * samples).sum(-2)  # (B, A)
+            return -self.q_value(obs, action, frozen=True).mean()
+        with torch.no_grad():
+            q = self.q_value(obs, samples)  # (B, M)
+        if estimator == "pmoe":
+            best = F.one_hot(q.argmax(-1), self.n_experts).to(log_alpha.dtype)
+            return (log_alpha.exp() - best).square().sum(-1).mean()
+        return -score_function_surrogate(log_alpha, q, generator).mean()
+
+    def auxiliary_loss(
+        self, obs: Tensor, record: PMOERecord, returns: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """q_coef * MSE(Q(s, a_stored), returns) + mixing_coef * mixing_loss(obs)."""
+        if returns.shape != (obs.shape[0],):
+            raise ValueError(f"returns has shape {tuple(returns.shape)}, expected ({obs.shape[0]},)")
+        q_loss = F.mse_loss(self.q_value(obs, record.action), returns)
+        mix = self.mixing_loss(obs)
+        loss = self.config.q_coef * q_loss + self.config.mixing_coef * mix
+        with torch.no_grad():
+            log_alpha = self.mixture(obs)[0]
+            alpha = log_alpha.exp()
+            stats = {
+                "pmoe/q_loss": q_loss.detach(),
+                "pmoe/mixing_loss": mix.detach(),
+                "pmoe/alpha_entropy": -(alpha * log_alpha).sum(-1).mean(),
+                "pmoe/alpha_max": alpha.max(-1).values.mean(),
+            }
+        return loss, stats
