@@ -14,7 +14,8 @@ What a PPO/GRPO loss needs from a policy, and nothing more:
 * ``regularizer(obs, record) -> Tensor | None``: a per-sample bonus the loss *maximises* with a
   weight (the entropy for a Gaussian; a family's own regulariser otherwise), shape (B,).
 * ``auxiliary_loss(obs, record, returns) -> (loss, stats) | None``: a loss of the family's own
-  that is minimised alongside the policy loss (e.g. PMOE's mixing-weight loss), or None.
+  that is minimised alongside the policy loss (e.g. PMOE's mixing-weight loss), or None;
+  ``auxiliary_parameters()`` lists parameters that only this loss trains (clipped apart).
 
 The trainer never branches on the family: it stores records blindly (``record_map``), and asks
 the policy for these quantities. Policies are ``torch.nn.Module``s; ``save_pretrained`` writes
@@ -113,6 +114,14 @@ class PolicyModule(nn.Module):
         self, obs: Tensor, record: Any, returns: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         return None
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained only by ``auxiliary_loss`` (e.g. an auxiliary critic).
+
+        The algorithm clips their gradient norm separately from the policy's, so an auxiliary
+        regression never shrinks the policy step.
+        """
+        return []
 
     # -- input checks ---------------------------------------------------------------------------
     def check_obs(self, obs: Tensor) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from policies.base import PolicyModule, check_detached
-from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
+from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, MLP, diag_gaussian_log_prob, mlp
 
 ESTIMATORS = ("pmoe", "gumbel", "score")
 MIXING_INPUTS = ("obs", "features")
@@ -139,12 +139,16 @@ class PMOEPolicy(PolicyModule):
         self.n_experts = m
         # Trunk = every layer of a Gaussian mean net but the last; mean_head = that last layer.
         trunk = mlp(obs_dim, hidden[:-1], hidden[-1], cfg.activation, out_gain=math.sqrt(2.0))
-        self.trunk = nn.Sequential(*trunk, ACTIVATIONS[cfg.activation]())
+        self.trunk = MLP(*trunk, ACTIVATIONS[cfg.activation]())
         self.mean_head = mlp(hidden[-1], (), m * action_dim, out_gain=0.01)[0]
         self.log_std = nn.Parameter(torch.full((m, action_dim), float(cfg.log_std_init)))
         mix_in = obs_dim if cfg.mixing_input == "obs" else hidden[-1]
         self.mixing_head = mlp(mix_in, (), m, out_gain=0.01)[0]  # near-uniform alpha at init
         self.q = mlp(obs_dim + action_dim, tuple(int(h) for h in cfg.q_hidden_sizes), 1, "relu")
+
+    def auxiliary_parameters(self) -> list[nn.Parameter]:
+        """The auxiliary Q-network: kept out of the policy's gradient-norm clipping (§9.6)."""
+        return list(self.q.parameters())
 
     def q_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the auxiliary Q network (not part of pi)."""

@@ -123,8 +123,10 @@ class PPO:
         self.policy, self.env, self.cfg = policy.to(device), env, config
         self.device = torch.device(device)
         self.critic = Critic(spec.obs_dim, tuple(config.critic_hidden), config.critic_activation).to(device)
-        params = list(policy.parameters()) + list(self.critic.parameters())
-        self.params = params
+        aux_ids = {id(p) for p in policy.auxiliary_parameters()}
+        self.aux_params = [p for p in policy.parameters() if id(p) in aux_ids]
+        self.params = [p for p in policy.parameters() if id(p) not in aux_ids] + list(self.critic.parameters())
+        params = self.params + self.aux_params
         # fused Adam: one kernel per step instead of a dozen foreach ops (~15% of update time)
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps, fused=True)
         self.total_steps = int(total_steps)
@@ -249,7 +251,11 @@ class PPO:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
-                if not torch.isfinite(grad_norm):
+                finite = torch.isfinite(grad_norm)
+                if self.aux_params:  # auxiliary nets (e.g. PMOE's Q) are clipped on their own
+                    aux_norm = nn.utils.clip_grad_norm_(self.aux_params, cfg.max_grad_norm, foreach=True)
+                    finite = finite & torch.isfinite(aux_norm)
+                if not finite:
                     raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step}")
                 self.optimizer.step()
                 stats["grad_norm"] = grad_norm
