@@ -16,6 +16,7 @@ What a PPO/GRPO loss needs from a policy, and nothing more:
 * ``auxiliary_loss(obs, record, returns) -> (loss, stats) | None``: a loss of the family's own
   that is minimised alongside the policy loss (e.g. PMOE's mixing-weight loss), or None;
   ``auxiliary_parameters()`` lists parameters that only this loss trains (clipped apart).
+* ``begin_update()``: a hook before each update's first minibatch (no-op by default).
 
 The trainer never branches on the family: it stores records blindly (``record_map``), and asks
 the policy for these quantities. Policies are ``torch.nn.Module``s; ``save_pretrained`` writes
@@ -114,6 +115,13 @@ class PolicyModule(nn.Module):
         self, obs: Tensor, record: Any, returns: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]] | None:
         return None
+
+    def begin_update(self) -> None:
+        """Called by the algorithm once per update, before the first minibatch.
+
+        Families whose ratio needs the behaviour parameters (e.g. a frozen copy of a velocity
+        field) snapshot them here; the parameters are still those that produced the rollout.
+        """
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained only by ``auxiliary_loss`` (e.g. an auxiliary critic).

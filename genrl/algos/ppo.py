@@ -132,7 +132,7 @@ class PPO:
         self.total_steps = int(total_steps)
         self.steps_per_iter = batch
         self.n_iterations = max(1, math.ceil(self.total_steps / batch))
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.global_step = 0
         self.iteration = 0
         self.next_obs = env.reset(seed=seed).to(self.device)
@@ -158,7 +158,7 @@ class PPO:
         obs = self.next_obs
         if self._storage is None:  # allocated outside inference mode: normal tensors for autograd
             with torch.no_grad():
-                _, first = self.policy.act(obs, generator=torch.Generator().manual_seed(0))
+                _, first = self.policy.act(obs, generator=torch.Generator(self.device).manual_seed(0))
             self._storage = self._allocate(first)
         s = self._storage
         with torch.inference_mode():
@@ -233,6 +233,7 @@ class PPO:
         advantages, returns = gae(
             s["reward"], values, next_values, s["terminated"], s["truncated"], cfg.gamma, cfg.gae_lambda
         )
+        self.policy.begin_update()
         b_obs = s["obs"].view(T * N, -1)
         b_rec = record_map(lambda x: x.reshape(T * N, *x.shape[2:]), s["record"])
         b_adv, b_ret, b_val = advantages.view(-1), returns.view(-1), values.view(-1)
@@ -240,7 +241,7 @@ class PPO:
         sums: dict[str, Tensor] = {}
         n_updates, stop = 0, False
         for _ in range(cfg.n_epochs):
-            perm = torch.randperm(batch, generator=self.generator).to(self.device)
+            perm = torch.randperm(batch, generator=self.generator, device=self.device)
             for start in range(0, batch, mb):
                 idx = perm[start : start + mb]
                 rec = record_map(lambda x: x[idx], b_rec)
