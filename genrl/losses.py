@@ -10,16 +10,26 @@ import torch
 from torch import Tensor
 
 
-def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_coef: float) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_surrogate(
+    log_ratio: Tensor, advantages: Tensor, clip_coef: float | Tensor, step_weights: Tensor | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """L = -E[min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)] with rho = exp(log_ratio).
+
+    For a (B, K) per-step log-ratio, ``clip_coef`` may be a (K,) tensor of per-step
+    coefficients and ``step_weights`` (K,) multiplies the broadcast advantage (DPPO).
 
     Returns the loss and {"clip_fraction", "approx_kl"}; approx_kl is the k3 estimator
     E[(rho - 1) - log rho] (Schulman, "Approximating KL divergence").
     """
     adv = advantages.reshape(advantages.shape[0], *([1] * (log_ratio.ndim - 1)))
+    if step_weights is not None:
+        adv = adv * step_weights
     ratio = log_ratio.exp()
     unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * adv
+    if isinstance(clip_coef, Tensor):
+        clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * adv
+    else:
+        clipped = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * adv
     loss = -torch.minimum(unclipped, clipped).mean()
     with torch.no_grad():
         stats = {

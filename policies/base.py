@@ -17,6 +17,7 @@ What a PPO/GRPO loss needs from a policy, and nothing more:
   that is minimised alongside the policy loss (e.g. PMOE's mixing-weight loss), or None;
   ``auxiliary_parameters()`` lists parameters that only this loss trains (clipped apart).
 * ``begin_update()``: a hook before each update's first minibatch (no-op by default).
+* ``chain_weights()``: per-step advantage weights and clip coefficients for (B, K) ratios.
 
 The trainer never branches on the family: it stores records blindly (``record_map``), and asks
 the policy for these quantities. Policies are ``torch.nn.Module``s; ``save_pretrained`` writes
@@ -43,6 +44,9 @@ FORMAT_VERSION = 1
 POLICY_FAMILIES: dict[str, str] = {
     "gaussian": "policies.gaussian:GaussianPolicy",
     "pmoe": "policies.pmoe:PMOEPolicy",
+    "policyflow": "policies.policyflow:PolicyFlowPolicy",
+    "fpo": "policies.fpo:FPOPolicy",
+    "diffusion": "policies.diffusion:DiffusionPolicy",
 }
 
 R = TypeVar("R")
@@ -122,6 +126,12 @@ class PolicyModule(nn.Module):
         Families whose ratio needs the behaviour parameters (e.g. a frozen copy of a velocity
         field) snapshot them here; the parameters are still those that produced the rollout.
         """
+
+    def chain_weights(self) -> tuple[Tensor, Tensor] | None:
+        """For families whose ``log_ratio`` is per step, (B, K): per-step advantage weights (K,)
+        and per-step clip coefficients (K,) (DPPO's denoising discount and clip schedule), or
+        None to use the algorithm's single clip coefficient and unweighted advantages."""
+        return None
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained only by ``auxiliary_loss`` (e.g. an auxiliary critic).

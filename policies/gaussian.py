@@ -80,6 +80,7 @@ class GaussianPolicy(PolicyModule):
 
     def log_ratio(self, obs: Tensor, record: GaussianRecord) -> Tensor:
         check_detached(record)
+        self.check_obs(obs)
         return self.log_prob(obs, record.action) - record.log_prob
 
     def regularizer(self, obs: Tensor, record: GaussianRecord) -> Tensor:

@@ -207,6 +207,7 @@ class PMOEPolicy(PolicyModule):
 
     def log_ratio(self, obs: Tensor, record: PMOERecord) -> Tensor:
         check_detached(record)
+        self.check_obs(obs)
         return self.log_prob(obs, record.action) - record.log_prob
 
     def regularizer(self, obs: Tensor, record: PMOERecord) -> Tensor:

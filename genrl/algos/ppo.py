@@ -197,7 +197,12 @@ class PPO:
         if cfg.norm_adv and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         log_ratio = self.policy.log_ratio(obs, record)
-        pg_loss, stats = clipped_surrogate(log_ratio, advantages, cfg.clip_coef)
+        chain = self.policy.chain_weights() if log_ratio.ndim > 1 else None
+        if chain is None:
+            pg_loss, stats = clipped_surrogate(log_ratio, advantages, cfg.clip_coef)
+        else:
+            weights, clip_coefs = chain
+            pg_loss, stats = clipped_surrogate(log_ratio, advantages, clip_coefs, weights)
         v_loss = value_loss(self.critic(obs), returns, old_values, cfg.clip_coef if cfg.clip_vloss else None)
         loss = pg_loss + cfg.vf_coef * v_loss
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach())
