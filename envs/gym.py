@@ -47,7 +47,30 @@ def check_env_id(env_id: str) -> None:
 
 
 def _register_project_envs() -> None:
-    """Hook for the project's own gymnasium ids (registered by their modules on import)."""
+    """Register the project's own gymnasium ids, and gymnasium-robotics' if it is installed."""
+    import envs.maze  # noqa: F401  genrl/PointMaze-v0
+    import envs.multigoal  # noqa: F401  genrl/MultiGoal-v0
+
+    global _ROBOTICS_TRIED
+    if not _ROBOTICS_TRIED:
+        _ROBOTICS_TRIED = True
+        try:  # optional extra `genrl[robotics]`: PointMaze_*, AntMaze_*, Fetch*, ...
+            import gymnasium_robotics
+
+            gym.register_envs(gymnasium_robotics)
+        except ImportError:
+            pass
+
+
+_ROBOTICS_TRIED = False
+
+
+def _make_flat(env_id: str, **kwargs: Any) -> gym.Env:
+    """``gym.make`` with Dict observations (goal-conditioned tasks) flattened to one Box."""
+    env = gym.make(env_id, **kwargs)
+    if isinstance(env.observation_space, gym.spaces.Dict):
+        env = gym.wrappers.FlattenObservation(env)
+    return env
 
 
 class FastRunningMeanStd(RunningMeanStd):
@@ -264,9 +287,9 @@ class GymVectorEnv:
             kwargs["render_mode"] = render_mode
 
         def thunk() -> gym.Env:
-            return _Snapshot(gym.make(env_id, **kwargs), keep_info)
+            return _Snapshot(_make_flat(env_id, **kwargs), keep_info)
 
-        probe = gym.make(env_id, **kwargs)
+        probe = _make_flat(env_id, **kwargs)
         obs_space, act_space = probe.observation_space, probe.action_space
         max_steps = probe.spec.max_episode_steps if probe.spec is not None else None
         probe.close()
@@ -303,7 +326,7 @@ class GymVectorEnv:
     def reset(self, seed: int | None = None) -> Tensor:
         """Reset every sub-env (sub-env i gets seed + i) and return obs (N, O)."""
         obs, _ = self._env.reset(seed=seed)
-        return torch.from_numpy(np.asarray(obs, dtype=np.float32))
+        return torch.from_numpy(np.array(obs, dtype=np.float32))  # a copy: the vector env reuses its buffer
 
     def step(self, action: Tensor) -> StepResult:
         if action.shape != (self.spec.n_envs, self.spec.action_dim):
@@ -312,7 +335,7 @@ class GymVectorEnv:
             )
         clipped = torch.maximum(torch.minimum(action.detach().cpu(), self._high), self._low)
         obs, reward, terminated, truncated, info = self._env.step(clipped.numpy())
-        obs_t = torch.from_numpy(np.asarray(obs, dtype=np.float32))
+        obs_t = torch.from_numpy(np.array(obs, dtype=np.float32))  # a copy: the vector env reuses its buffer
         final = obs_t
         returns: list[float] = []
         lengths: list[int] = []

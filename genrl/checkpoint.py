@@ -105,14 +105,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} has checkpoint format {state.get('format_version') if isinstance(state, dict) else '?'}, "
             f"this genrl reads {FORMAT_VERSION}"
         )
-    try:
-        trainer = load_file(str(path / "trainer.safetensors"))
-        shapes = state.pop("env_shapes", {})
-        env_arrays = {
-            k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in load_file(str(path / "env.safetensors")).items()
-        }
-    except Exception as exc:
-        raise CheckpointError(f"corrupt tensors in {path}: {exc}") from None
+    tensors = {}
+    for name in ("trainer.safetensors", "env.safetensors"):
+        try:
+            tensors[name] = load_file(str(path / name))
+        except Exception as exc:  # safetensors raises its own error types on corrupt files
+            raise CheckpointError(f"corrupt {path / name}: {exc}") from None
+    trainer = tensors["trainer.safetensors"]
+    shapes = state.pop("env_shapes", {})
+    env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in tensors["env.safetensors"].items()}
     try:
         optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as exc:  # a pickled payload with globals is refused here

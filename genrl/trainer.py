@@ -45,9 +45,13 @@ def build(cfg: TrainConfig) -> PPO:
         clip_obs=e.clip_obs,
         clip_reward=e.clip_reward,
     )
-    policy_cls = resolve_family(cfg.policy)
-    policy = policy_cls(env.spec.obs_dim, env.spec.action_dim, cfg.policy_config_object())
-    return PPO(policy, env, cfg.ppo, total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device)
+    try:
+        policy_cls = resolve_family(cfg.policy)
+        policy = policy_cls(env.spec.obs_dim, env.spec.action_dim, cfg.policy_config_object())
+        return PPO(policy, env, cfg.ppo, total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device)
+    except BaseException:
+        env.close()
+        raise
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
@@ -151,12 +155,13 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None) -
         run_dir = Path(cfg.run.out)
         if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
         ckpt = None
     torch.set_num_threads(cfg.run.torch_threads)
-    algo = build(cfg)
-    if ckpt is not None:
+    algo = build(cfg)  # validates everything before the run folder is touched
+    if ckpt is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+    else:
         restore_state(algo, cfg, ckpt)
     total = algo.n_iterations * algo.steps_per_iter
     logger = Logger(run_dir, total, resume_step=algo.global_step if ckpt is not None else None, progress=cfg.run.progress)

@@ -216,7 +216,7 @@ def test_record_map_indexes_every_field(family: str) -> None:
     policy64, obs64 = policy.double(), obs.double()
     _, rec64 = policy64.act(obs64, generator=gen(9))
     lr = policy64.log_ratio(obs64[idx], record_map(lambda x: x[idx], rec64))
-    torch.testing.assert_close(lr, torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lr, torch.zeros_like(lr), rtol=0, atol=1e-12)
 
 
 # -- Gaussian regularizer --------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class PPOConfig:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ConfigError(f"invalid algo.{name} = {getattr(self, name)!r}")
+                raise ConfigError(f"invalid ppo.{name} = {getattr(self, name)!r}")
 
 
 class Critic(nn.Module):
