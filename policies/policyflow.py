@@ -87,7 +87,9 @@ class PolicyFlowConfig:
                 raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
         lo, hi = math.exp(LOG_STD_MIN), math.exp(LOG_STD_MAX)
         if not (math.isfinite(self.sigma_init) and lo <= self.sigma_init <= hi):
-            raise ValueError(f"sigma_init must be in [{lo:.4g}, {hi:.4g}] (the log-sigma clamp), got {self.sigma_init}")
+            raise ValueError(
+                f"sigma_init must be in [{lo:.4g}, {hi:.4g}] (the log-sigma clamp), got {self.sigma_init}"
+            )
         if not (math.isfinite(self.brownian_coef) and self.brownian_coef >= 0):
             raise ValueError(f"brownian_coef must be a finite number >= 0, got {self.brownian_coef}")
 
@@ -121,7 +123,8 @@ class PolicyFlowPolicy(PolicyModule):
     def __init__(self, obs_dim: int, action_dim: int, config: PolicyFlowConfig | None = None) -> None:
         super().__init__(obs_dim, action_dim, config or PolicyFlowConfig())
         cfg = self.config
-        self.velocity = VelocityNet(obs_dim, action_dim, tuple(int(h) for h in cfg.hidden_sizes), cfg.activation, cfg.embed_dim)
+        hidden = tuple(int(h) for h in cfg.hidden_sizes)
+        self.velocity = VelocityNet(obs_dim, action_dim, hidden, cfg.activation, cfg.embed_dim)
         self.log_std = nn.Parameter(torch.full((action_dim,), math.log(cfg.sigma_init)))
         # The frozen v_old lives in a plain list: not a submodule, so it is in neither
         # parameters() (the optimiser) nor state_dict() (save/load); ``_apply`` moves it.
@@ -160,7 +163,8 @@ class PolicyFlowPolicy(PolicyModule):
             if deterministic:
                 noise = torch.zeros_like(phi1)
             else:
-                noise = torch.randn(shape, generator=generator, dtype=obs.dtype, device=obs.device) * log_std.exp()
+                noise = torch.randn(shape, generator=generator, dtype=obs.dtype, device=obs.device)
+                noise = noise * log_std.exp()
             log_prob = diag_gaussian_log_prob(noise, torch.zeros_like(noise), log_std)
         return phi1 + noise, PolicyFlowRecord(z, phi1, noise, log_prob)
 
@@ -177,12 +181,15 @@ class PolicyFlowPolicy(PolicyModule):
         self._cache = None
 
     def sample_t(self, obs: Tensor) -> Tensor:
-        """One t per sample from the global torch RNG, shape (B,)."""
+        """One t per sample, shape (B,), drawn from the global *CPU* torch RNG (the one the trainer
+        checkpoints, so a resumed run draws the same times on any device)."""
         b = obs.shape[0]
         if self.config.t_sampling == "continuous":
-            return torch.rand(b, dtype=obs.dtype, device=obs.device)
-        grid = self.t_grid().to(device=obs.device, dtype=obs.dtype)
-        return grid[torch.randint(0, grid.numel(), (b,), device=obs.device)]
+            t = torch.rand(b, dtype=torch.float64)
+        else:
+            grid = self.t_grid()
+            t = grid[torch.randint(0, grid.numel(), (b,))]
+        return t.to(device=obs.device, dtype=obs.dtype)
 
     def _path_point(self, obs: Tensor, record: PolicyFlowRecord, t: Tensor) -> tuple[Tensor, Tensor | None]:
         """x_t = (1 - t) z + t phi1 (B, A) and v_old(x_t, t | s) (None before any begin_update)."""

@@ -56,7 +56,9 @@ class PPOConfig:
     target_kl: float | None = None
     """Stop the epoch loop when the minibatch approx-KL exceeds 1.5 x this (SB3's rule)."""
     norm_adv: bool = True
-    """Normalise advantages per minibatch."""
+    """Normalise advantages (zero mean, unit std)."""
+    norm_adv_scope: str = "minibatch"
+    """"minibatch" (CleanRL/SB3) or "batch" (once over the whole rollout, RSL-RL/PolicyFlow)."""
     critic_hidden: tuple[int, ...] = (64, 64)
     critic_activation: str = "tanh"
     adam_eps: float = 1e-5
@@ -75,6 +77,7 @@ class PPOConfig:
             "max_grad_norm": self.max_grad_norm > 0,
             "target_kl": self.target_kl is None or self.target_kl > 0,
             "adam_eps": self.adam_eps > 0,
+            "norm_adv_scope": self.norm_adv_scope in ("minibatch", "batch"),
         }
         for name, ok in checks.items():
             if not ok:
@@ -194,7 +197,7 @@ class PPO:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total minibatch loss and its detached terms."""
         cfg = self.cfg
-        if cfg.norm_adv and advantages.numel() > 1:
+        if cfg.norm_adv and cfg.norm_adv_scope == "minibatch" and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         log_ratio = self.policy.log_ratio(obs, record)
         chain = self.policy.chain_weights() if log_ratio.ndim > 1 else None
@@ -242,6 +245,8 @@ class PPO:
         b_obs = s["obs"].view(T * N, -1)
         b_rec = record_map(lambda x: x.reshape(T * N, *x.shape[2:]), s["record"])
         b_adv, b_ret, b_val = advantages.view(-1), returns.view(-1), values.view(-1)
+        if cfg.norm_adv and cfg.norm_adv_scope == "batch":
+            b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
         batch, mb = T * N, T * N // cfg.n_minibatches
         sums: dict[str, Tensor] = {}
         n_updates, stop = 0, False
