@@ -83,8 +83,12 @@ class FastRunningMeanStd(RunningMeanStd):
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64)
         n = x.shape[0]
-        if n == 1:
-            self.update_from_moments(x[0], np.zeros_like(x[0]), 1)
+        if n == 1:  # gymnasium's update_from_moments with batch_var = 0, batch_count = 1, inlined
+            delta = x[0] - self.mean
+            tot = self.count + 1
+            self.mean = self.mean + delta / tot
+            self.var = (self.var * self.count + np.square(delta) * self.count / tot) / tot
+            self.count = tot
         else:
             mean = x.sum(0) / n
             self.update_from_moments(mean, np.square(x - mean).sum(0) / n, n)
@@ -335,7 +339,8 @@ class GymVectorEnv:
             )
         clipped = torch.maximum(torch.minimum(action.detach().cpu(), self._high), self._low)
         obs, reward, terminated, truncated, info = self._env.step(clipped.numpy())
-        obs_t = torch.from_numpy(np.array(obs, dtype=np.float32))  # a copy: the vector env reuses its buffer
+        # the normaliser returns a fresh array; the raw vector env reuses its buffer, so copy that
+        obs_t = torch.from_numpy(np.asarray(obs, dtype=np.float32) if self._obs_norm is not None else np.array(obs, dtype=np.float32))
         final = obs_t
         returns: list[float] = []
         lengths: list[int] = []

@@ -78,10 +78,11 @@ class DiffusionConfig:
     logprob_reduction: str = "sum"
     """Per-step log-prob over action dims: "sum" (Gaussian PPO) or "mean" (DPPO)."""
     gamma_denoising: float = 0.99
-    clip_coef_base: float = 0.01
-    """Clip coefficient of the first (noisiest) fine-tuned step."""
-    clip_coef_final: float = 0.01
-    """Clip coefficient of the last (cleanest) fine-tuned step."""
+    clip_coef_base: float = 0.2
+    """Clip coefficient of the first (noisiest) fine-tuned step. 0.2 trains from scratch; DPPO
+    fine-tunes pretrained policies with 0.01 (its Hopper config), which barely moves a fresh one."""
+    clip_coef_final: float = 0.2
+    """Clip coefficient of the last (cleanest) fine-tuned step (DPPO fine-tuning: 0.01)."""
     clip_rate: float = 3.0
     """Rate of the exponential interpolation between the two (DPPO ``clip_ploss_coef_rate``)."""
 

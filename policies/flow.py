@@ -10,8 +10,10 @@ Shapes: B batch, O obs dim, A action dim, K integration steps.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policies.nets import ACTIVATIONS, mlp
@@ -71,6 +73,32 @@ class VelocityNet(nn.Module):
         h = self.time_embed(t) + self.cond(obs)
         return self.net(torch.cat([x, h], dim=-1))
 
+    def conditioned(self, obs: Tensor, times: Tensor) -> Callable[[Tensor, int], Tensor]:
+        """v(x, times[k] | obs) as a function of (x, k), for integrating at fixed obs and times.
+
+        The first layer acts on concat[x, emb(t) + cond(s)], so its obs and time parts are
+        computed once per call instead of once per step: at batch 1 that halves the cost of a
+        10-step midpoint sample. Equal to ``forward`` up to float rounding.
+        """
+        first, first_act = self.net._plan[0]
+        x_dim = first.in_features - self.cond.out_features
+        w_x, w_h = first.weight[:, :x_dim], first.weight[:, x_dim:]
+        c = F.linear(self.cond(obs), w_h, first.bias)  # (B, H)
+        e = F.linear(self.time_embed(times.to(obs.dtype)), w_h)  # (n_t, H)
+        rest = self.net._plan[1:]
+
+        def v(x: Tensor, k: int) -> Tensor:
+            h = F.linear(x, w_x) + c + e[k]
+            if first_act is not None:
+                h = first_act(h)
+            for layer, act in rest:
+                h = F.linear(h, layer.weight, layer.bias)
+                if act is not None:
+                    h = act(h)
+            return h
+
+        return v
+
 
 def time_grid(n_steps: int, method: str) -> Tensor:
     """The times at which ``integrate`` evaluates the velocity: K (Euler) or 2K (midpoint) points."""
@@ -107,13 +135,20 @@ def integrate(
         raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
     dt = 1.0 / n_steps
     x = z
+    fast = velocity.conditioned(obs, time_grid(n_steps, method)) if isinstance(velocity, VelocityNet) else None
     for k in range(n_steps):
-        t = torch.full((z.shape[0],), k * dt, dtype=z.dtype, device=z.device)
-        if method == "euler":
-            x = x + dt * velocity(x, t, obs)
+        if fast is not None:  # grid index: Euler evaluates k, midpoint 2k and 2k + 1
+            if method == "euler":
+                x = x + dt * fast(x, k)
+            else:
+                x = x + dt * fast(x + 0.5 * dt * fast(x, 2 * k), 2 * k + 1)
         else:
-            x_mid = x + 0.5 * dt * velocity(x, t, obs)
-            x = x + dt * velocity(x_mid, t + 0.5 * dt, obs)
+            t = torch.full((z.shape[0],), k * dt, dtype=z.dtype, device=z.device)
+            if method == "euler":
+                x = x + dt * velocity(x, t, obs)
+            else:
+                x_mid = x + 0.5 * dt * velocity(x, t, obs)
+                x = x + dt * velocity(x_mid, t + 0.5 * dt, obs)
         if noise_scale > 0:
             xi = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             x = x + noise_scale * math.sqrt(dt) * xi

@@ -232,3 +232,25 @@ def test_conditional_log_prob_is_gaussian_around_the_flow_map() -> None:
     got = conditional_log_prob(net, action, z, obs, log_std)
     expected = Normal(phi1, log_std.exp()).log_prob(action).sum(-1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+def test_conditioned_fast_path_matches_the_plain_forward(method: str) -> None:
+    """integrate() precomputes the obs/time part of the first layer; it must equal forward()."""
+    from policies.flow import VelocityNet, integrate, time_grid
+
+    torch.manual_seed(0)
+    net = VelocityNet(4, 3, (32, 32)).double()
+    for p in net.parameters():  # leave the zero-initialised output layer: make the field non-trivial
+        torch.nn.init.normal_(p, std=0.3)
+    obs, z = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    times = time_grid(5, method)
+    fast = net.conditioned(obs, times)
+    for k, t in enumerate(times):
+        torch.testing.assert_close(fast(z, k), net(z, t.expand(6).double(), obs), rtol=1e-12, atol=1e-12)
+
+    class Plain(torch.nn.Module):  # the generic path of integrate(), same weights
+        def forward(self, x, t, o):
+            return net(x, t, o)
+
+    torch.testing.assert_close(integrate(net, z, obs, 5, method), integrate(Plain(), z, obs, 5, method), rtol=1e-12, atol=1e-12)

@@ -17,6 +17,7 @@ annealing. The policy family is never inspected: only the contract of ``policies
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -175,20 +176,30 @@ class PPO:
         return stats
 
     def _rollout(self, s: dict[str, Any], obs: Tensor, ep_returns: list[float], ep_lengths: list[int]) -> Tensor:
-        record_stores = list(vars(s["record"]).items())
-        for t in range(self.cfg.n_steps):
+        # Per-step tensors go to lists and are stacked into the storage once: one copy per
+        # field per rollout instead of one indexed write per field per step (~15 us a step).
+        names = [f.name for f in dataclasses.fields(s["record"])]
+        cols: dict[str, list[Tensor]] = {k: [] for k in ("obs", "reward", "terminated", "truncated", "next_obs", *names)}
+        on_cpu = self.device.type == "cpu"
+        for _ in range(self.cfg.n_steps):
             action, record = self.policy.act(obs, generator=self.generator)
-            s["obs"][t] = obs
-            for name, store in record_stores:
-                store[t] = getattr(record, name)
+            cols["obs"].append(obs)
+            for name in names:
+                cols[name].append(getattr(record, name))
             out = self.env.step(action)
-            s["reward"][t] = out.reward
-            s["terminated"][t] = out.terminated
-            s["truncated"][t] = out.truncated
-            s["next_obs"][t] = out.final_obs
-            obs = out.obs.to(self.device)
-            ep_returns += out.episode_returns
-            ep_lengths += out.episode_lengths
+            cols["reward"].append(out.reward)
+            cols["terminated"].append(out.terminated)
+            cols["truncated"].append(out.truncated)
+            cols["next_obs"].append(out.final_obs)
+            obs = out.obs if on_cpu else out.obs.to(self.device)
+            if out.episode_returns:
+                ep_returns += out.episode_returns
+                ep_lengths += out.episode_lengths
+        for key in ("obs", "reward", "terminated", "truncated", "next_obs"):
+            torch.stack(cols[key], out=s[key]) if on_cpu else s[key].copy_(torch.stack(cols[key]))
+        for name in names:
+            store = getattr(s["record"], name)
+            store.copy_(torch.stack(cols[name]))
         return obs
 
     # -- update -------------------------------------------------------------------------------
