@@ -14,6 +14,10 @@ from policies.base import (
 )
 from policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
 
+# The other families import lazily through ``resolve_family`` / ``load_pretrained`` (or directly:
+# ``from policies.pmoe import PMOEPolicy``, ``policies.policyflow``, ``policies.fpo``,
+# ``policies.diffusion``), so ``import policies`` stays light.
+
 __all__ = [
     "POLICY_FAMILIES",
     "GaussianConfig",

@@ -26,25 +26,21 @@ import torch
 FAMILIES = ("gaussian", "pmoe", "policyflow", "fpo", "diffusion")
 
 # Family-specific PPO settings (on top of the MuJoCo defaults of genrl.algos.ppo.PPOConfig).
-FAMILY_PPO: dict[str, dict[str, Any]] = {
-    "gaussian": {},
-    "pmoe": {},
-    # PolicyFlow paper/code: lr 1e-4 (IsaacLab 1e-3..1e-4), 5 epochs x 4 minibatches, grad clip 1.0,
-    # w_g (Gaussian entropy weight) 0.01 -> ent_coef, value clipping 0.2.
-    "policyflow": {"learning_rate": 1e-4, "ent_coef": 0.01, "max_grad_norm": 1.0, "clip_vloss": True},
-    # FPO code: clip 0.05, no entropy term.
-    "fpo": {"clip_coef": 0.05},
-    # DPPO: small clip (per-step schedule in the policy), actor lr 1e-4.
-    "diffusion": {"learning_rate": 1e-4},
-}
+# Measured on InvertedPendulum-v5 (20k steps): the papers' own settings are tuned for other regimes
+# (PolicyFlow: lr 1e-4, 5x4 minibatches for IsaacLab's ~100k-sample iterations -> eval 71; FPO: clip
+# 0.05 for 2048-env Playground batches -> eval 46; DPPO: clip 0.01 for fine-tuning -> eval 44),
+# while the MuJoCo PPO defaults reach 1000 with every family. So every family uses the defaults.
+FAMILY_PPO: dict[str, dict[str, Any]] = {f: {} for f in FAMILIES}
 FAMILY_POLICY: dict[str, dict[str, Any]] = {f: {} for f in FAMILIES}
 
 
-def make_config(family: str, env_id: str, steps: int, seed: int, out: Path, ppo: dict[str, Any] | None = None) -> Any:
+def make_config(
+    family: str, env_id: str, steps: int, seed: int, out: Path, ppo: dict[str, Any] | None = None, n_envs: int = 1
+) -> Any:
     from genrl.config import config_from_dict
 
     return config_from_dict({
-        "env": {"env_id": env_id}, "policy": family, "policy_config": FAMILY_POLICY[family],
+        "env": {"env_id": env_id, "n_envs": n_envs}, "policy": family, "policy_config": FAMILY_POLICY[family],
         "ppo": {**FAMILY_PPO[family], **(ppo or {})},
         "run": {"total_steps": steps, "seed": seed, "out": str(out), "progress": False},
     })  # fmt: skip
@@ -160,13 +156,14 @@ def multigoal(args: argparse.Namespace) -> None:
 
 def mujoco(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "envs": {}}
+    results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "n_envs": args.n_envs, "n_steps": args.n_steps, "envs": {}}
     for env_id in args.envs:
         runs: dict[str, list[dict[str, Any]]] = {f: [] for f in args.families}
         for i, seed in enumerate(args.seeds):
             order = args.families[i % len(args.families):] + args.families[: i % len(args.families)]
             for family in order:
-                cfg = make_config(family, env_id, args.steps, seed, out / f"{env_id}-{family}-s{seed}")
+                cfg = make_config(family, env_id, args.steps, seed, out / f"{env_id}-{family}-s{seed}",
+                                  {"n_steps": args.n_steps}, n_envs=args.n_envs)  # fmt: skip
                 algo, res = train_one(cfg, args.eval_episodes)
                 algo.env.close()
                 runs[family].append(res)
@@ -185,7 +182,7 @@ def mujoco(args: argparse.Namespace) -> None:
         results["envs"][env_id] = {"runs": runs, "summary": summary}
         (out / "mujoco.json").write_text(json.dumps(results, indent=2))
     lines = [
-        f"{args.steps} env steps, seeds {args.seeds}; return = mean ± std over seeds of a {args.eval_episodes}-episode deterministic evaluation; cost = wall-clock per env step relative to Gaussian PPO in the same seed's runs (median).",
+        f"{args.steps} env steps ({args.n_envs} envs x {args.n_steps} steps per iteration), seeds {args.seeds}; return = mean ± std over seeds of a {args.eval_episodes}-episode deterministic evaluation; cost = wall-clock per env step relative to Gaussian PPO in the same seed's runs (median).",
         "",
         "| env | family | return | steps/s | cost vs Gaussian |",
         "|---|---|---|---|---|",
@@ -236,6 +233,8 @@ def main() -> None:
     j.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
     j.add_argument("--steps", type=int, default=100_000)
     j.add_argument("--eval-episodes", type=int, default=10)
+    j.add_argument("--n-envs", type=int, default=8, help="envs per family (batched inference amortises the flow/diffusion samplers)")
+    j.add_argument("--n-steps", type=int, default=256, help="rollout steps per env per iteration (8 x 256 = the usual 2048)")
     for s in (m, j):
         s.add_argument("--seeds", type=int, nargs="+", default=[1])
         s.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)

@@ -147,6 +147,26 @@ def test_resume_is_bitwise_exact(tmp_path: Path, env_id: str, n_envs: int) -> No
             assert same_column(pa[key], pb[key]), key
 
 
+@pytest.mark.parametrize("policy", ["pmoe", "policyflow", "fpo", "diffusion"])
+def test_resume_is_bitwise_exact_for_every_family(tmp_path: Path, policy: str) -> None:
+    """Families that draw fresh randomness in the loss (PMOE's mixing samples, PolicyFlow's t,
+    the global RNG) or keep frozen copies (PolicyFlow's old velocity) resume exactly too."""
+    full = tmp_path / "full"
+    extra = ["--policy", policy, "--save-every", "512", "--set", "policy_config.hidden_sizes=[16, 16]"]
+    assert cli_train(full, steps=1024, extra=extra) == 0
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "1024")
+    assert cli.main(["train", "--resume", str(part), "--no-progress"]) == 0
+    a, b = full / "checkpoints" / "1024", part / "checkpoints" / "1024"
+    for name in ("policy/model.safetensors", "trainer.safetensors", "env.safetensors"):
+        assert_same_tensors(a / name, b / name)
+    pa, pb = read_csv(full / "progress.csv"), read_csv(part / "progress.csv")
+    for key in pa:
+        if not key.startswith("time/"):
+            assert same_column(pa[key], pb[key]), key
+
+
 def test_resume_really_restores_state(base_run: Path, tmp_path: Path) -> None:
     """Control for the exactness test: a resume from a *different* step's state diverges.
 
