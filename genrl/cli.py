@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a policy (or --resume a run)")
     t.add_argument("--env", help="gymnasium id, e.g. Hopper-v5")
-    t.add_argument("--policy", help="policy family: gaussian | pmoe | policyflow | fpo | diffusion")
+    t.add_argument("--policy", help="policy family: gaussian | pmoe | policyflow | fpo | diffusion | gorl")
     t.add_argument("--algo", help="algorithm: ppo")
     t.add_argument("--steps", type=int, help="total env steps")
     t.add_argument("--seed", type=int)

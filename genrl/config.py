@@ -1,6 +1,6 @@
 """Typed run configuration: frozen dataclasses, strict loading from dicts, TOML and YAML.
 
-``TrainConfig(env, policy, policy_config, algo, ppo, run)`` is the single source of truth; it
+``TrainConfig(env, policy, policy_config, algo, ppo, run, gorl)`` is the single source of truth; it
 is written to ``<out>/config.json`` and read back on resume. Unknown keys are errors that
 suggest the closest valid name.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from genrl.algos.gorl import GoRLTrainConfig
 from genrl.algos.ppo import PPOConfig
 from genrl.errors import ConfigError
 
@@ -83,6 +84,8 @@ class TrainConfig:
     algo: str = "ppo"
     ppo: PPOConfig = field(default_factory=PPOConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    gorl: GoRLTrainConfig = field(default_factory=GoRLTrainConfig)
+    """GoRL's stage schedule and decoder refinement; only for ``policy = "gorl"``."""
 
     def __post_init__(self) -> None:
         from policies.base import POLICY_FAMILIES
@@ -93,6 +96,8 @@ class TrainConfig:
             )
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(ALGOS)}")
+        if self.policy != "gorl" and self.gorl != GoRLTrainConfig():
+            raise ConfigError(f"[gorl] settings apply only to policy 'gorl', not '{self.policy}'")
 
     def policy_config_object(self) -> Any:
         """The family's config dataclass built (strictly) from ``policy_config``."""

@@ -48,6 +48,16 @@ def build(cfg: TrainConfig) -> PPO:
     try:
         policy_cls = resolve_family(cfg.policy)
         policy = policy_cls(env.spec.obs_dim, env.spec.action_dim, cfg.policy_config_object())
+        if cfg.policy == "gorl":  # GoRL: PPO on the latent encoder + decoder refinement between stages
+            from genrl.algos.gorl import GoRL
+
+            def refinement_env() -> Any:  # same env, fresh instance; GoRL copies the obs statistics in
+                return make_env(e.env_id, e.n_envs, vectorization=e.vectorization, normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs)
+
+            return GoRL(
+                policy, env, cfg.ppo, cfg.gorl, total_steps=cfg.run.total_steps, seed=cfg.run.seed,
+                device=cfg.run.device, env_factory=refinement_env,
+            )  # fmt: skip
         return PPO(policy, env, cfg.ppo, total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device)
     except BaseException:
         env.close()
@@ -86,6 +96,7 @@ def save_state(algo: PPO, cfg: TrainConfig, run_dir: Path) -> Path:
             "algo": cfg.algo,
             "env_id": cfg.env.env_id,
             "numpy_global": _np_state(),
+            **({"gorl": st["gorl"]} if "gorl" in st else {}),  # GoRL's stage counter
         },
     )
 
@@ -105,16 +116,17 @@ def restore_state(algo: PPO, cfg: TrainConfig, ckpt_dir: Path) -> None:
         raise CheckpointError(str(exc)) from None
     t = data["trainer"]
     try:
-        algo.load_state_dict(
-            {
-                "critic": {k[len("critic.") :]: v for k, v in t.items() if k.startswith("critic.")},
-                "optimizer": data["optimizer"],
-                "next_obs": t["next_obs"],
-                "generator": t["rng.generator"],
-                "global_step": state["global_step"],
-                "iteration": state["iteration"],
-            }
-        )
+        payload = {
+            "critic": {k[len("critic.") :]: v for k, v in t.items() if k.startswith("critic.")},
+            "optimizer": data["optimizer"],
+            "next_obs": t["next_obs"],
+            "generator": t["rng.generator"],
+            "global_step": state["global_step"],
+            "iteration": state["iteration"],
+        }
+        if cfg.policy == "gorl":
+            payload["gorl"] = state["gorl"]
+        algo.load_state_dict(payload)
         algo.env.load_state_dict(data["env"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt_dir} does not match this run: {str(exc).splitlines()[0]}") from None

@@ -47,6 +47,7 @@ POLICY_FAMILIES: dict[str, str] = {
     "policyflow": "policies.policyflow:PolicyFlowPolicy",
     "fpo": "policies.fpo:FPOPolicy",
     "diffusion": "policies.diffusion:DiffusionPolicy",
+    "gorl": "policies.gorl:GoRLPolicy",
 }
 
 R = TypeVar("R")

@@ -1,0 +1,333 @@
+"""GoRL: a latent Gaussian policy (the *encoder*) pushed through a deterministic generative decoder.
+
+GoRL (Zhang et al., "GoRL: An Algorithm-Agnostic Framework for Online Reinforcement Learning with
+Generative Policies", arXiv 2512.02581) factorises pi(a|s) = int pi_theta(eps|s) pi_phi(a|s, eps)
+d eps with
+
+* the **encoder** pi_theta(eps|s) = N(mu_theta(s), diag sigma^2): a diagonal Gaussian over a latent
+  of the action's size (Z = A); it is the only part an RL update (PPO here) touches: the stored
+  "action" of the ratio is the latent eps, the log-prob is log N(eps; mu, sigma) summed over latent
+  dims, and no gradient ever flows through the decoder;
+* the **decoder** g_phi(s, eps): a conditional flow-matching velocity field (``flow.VelocityNet``,
+  convention B: t = 0 noise, t = 1 action) integrated with ``decoder_steps`` Euler steps from
+  x_0 = eps, **deterministic** given (s, eps) (no SDE / feather noise: all exploration comes from the
+  encoder). It is trained only by supervised refinement (``decoder_loss``) on (s, pre-tanh action)
+  pairs with *fresh* source noise eps ~ N(0, I), never the encoder's latents (the paper's
+  "fixed-prior anchor"; the algorithm lives in ``genrl.algos.gorl``);
+* the executed action tanh(g_phi(s, eps)) (``squash="tanh"``, the paper's; ``"none"`` leaves the
+  env to clip). tanh bounds actions to [-1, 1], the box of the DeepMind Control / most MuJoCo tasks.
+
+Stage 0 starts from an **exactly** zero decoder (every parameter 0, the official code's choice):
+the velocity is identically 0, so g(s, eps) = eps bitwise and GoRL stage 0 *is* Gaussian PPO on the
+pre-tanh action (tested). A refinement re-creates the decoder from scratch (``reset_decoder``, the
+code retrains from scratch each time) with ``VelocityNet``'s trainable init (Xavier, zero last layer:
+still the identity at t = 0 of training, but with live hidden units; an all-zero net would have no
+gradient through its hidden layers).
+
+The decoder's parameters are kept at ``requires_grad=False`` outside refinement
+(``decoder_training()`` turns them on): a PPO update can never move them, even though they sit in
+``parameters()`` (and so in the PPO optimiser, which skips parameters without gradients).
+
+Choices (paper v3 / official code ``bennidict23/GoRL`` differ where noted):
+
+* Encoder: a ``(64, 64)`` tanh MLP with a 0.01-gain mean head and a state-independent log-std
+  initialised at 0, i.e. genrl's Gaussian-PPO MuJoCo default (paper: 4 x 32 SiLU with a
+  state-dependent softplus std). The small head and log-std 0 make the initial encoder ~ N(0, I),
+  the prior the paper re-initialises to at each stage; ``state_dependent_std`` switches to a
+  second head (as ``GaussianConfig`` does, raw log-std, no softplus).
+* ``latent_reg="kl"`` (default): KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum_z (mu^2 + sigma^2 - 1 -
+  log sigma^2) per sample (paper v1's "KL penalty toward N(0, I)"); ``"l2_params"`` is the code's
+  mean(mu^2) + mean(sigma^2) (pulls sigma to 0, not 1); ``"none"`` turns it off. Weighted by
+  ``latent_reg_coef`` and *minimised* through ``auxiliary_loss``.
+* ``regularizer`` is the latent Gaussian's entropy (PPO maximises it with ``ppo.ent_coef``).
+* ``decoder="diffusion"`` (GoRL-Diff, DDIM tau = 0) is not implemented: the config refuses it.
+
+Shapes: B batch, O obs dim, A action dim, Z = A latent dim, P ``decoder_pairs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from policies.base import PolicyModule, check_detached
+from policies.flow import VelocityNet, cfm_loss, integrate
+from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
+
+LATENT_REGS = ("kl", "l2_params", "none")
+DECODERS = ("flow", "diffusion")
+SQUASHES = ("tanh", "none")
+
+
+@dataclass(frozen=True)
+class GoRLConfig:
+    encoder_hidden: tuple[int, ...] = (64, 64)
+    """Hidden widths of the encoder's mean MLP (paper: 4 x 32; genrl's MuJoCo PPO default here)."""
+    encoder_activation: str = "tanh"
+    """Encoder activation (paper: SiLU)."""
+    log_std_init: float = 0.0
+    """Initial latent log sigma (0: sigma = 1, the N(0, I) prior)."""
+    state_dependent_std: bool = False
+    """Latent log sigma from a second head of the encoder instead of a free parameter."""
+    latent_reg: str = "kl"
+    """"kl": exact KL(N(mu, sigma^2) || N(0, I)); "l2_params": mean(mu^2) + mean(sigma^2) (code); "none"."""
+    latent_reg_coef: float = 1e-3
+    """Weight of the latent regulariser in the minimised loss (code: 5e-4 stage 0, 1e-3 later)."""
+    decoder: str = "flow"
+    """"flow" (GoRL-FM). "diffusion" (GoRL-Diff) is not implemented and is refused."""
+    decoder_hidden: tuple[int, ...] = (64, 64, 64, 64)
+    """Hidden widths of the decoder's velocity MLP (code's run script: 4 x 64)."""
+    decoder_activation: str = "silu"
+    decoder_embed_dim: int = 64
+    """Width of the decoder's Fourier time embedding and observation projection (even)."""
+    decoder_steps: int = 10
+    """Euler steps of the decoder ODE from eps (t = 0) to the pre-tanh action (t = 1)."""
+    decoder_pairs: int = 8
+    """Fresh (eps, tau) pairs per (s, a) sample in ``decoder_loss`` (code: 8)."""
+    squash: str = "tanh"
+    """"tanh": env action = tanh(g(s, eps)) (paper); "none": env action = g(s, eps) (env clips)."""
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_hidden", "decoder_hidden"):
+            hidden = getattr(self, name)
+            if not hidden or any(isinstance(h, bool) or int(h) != h or h <= 0 for h in hidden):
+                raise ValueError(f"{name} must be a non-empty list of positive integers, got {hidden}")
+        for name in ("encoder_activation", "decoder_activation"):
+            if getattr(self, name) not in ACTIVATIONS:
+                raise ValueError(f"unknown {name} '{getattr(self, name)}'; valid: {', '.join(sorted(ACTIVATIONS))}")
+        if self.latent_reg not in LATENT_REGS:
+            raise ValueError(f"unknown latent_reg '{self.latent_reg}'; valid: {', '.join(LATENT_REGS)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"unknown decoder '{self.decoder}'; valid: {', '.join(DECODERS)}")
+        if self.decoder == "diffusion":
+            raise ValueError(
+                "GoRL decoder='diffusion' (GoRL-Diff, DDIM tau=0) is not implemented in genrl; use decoder='flow'"
+            )
+        if self.squash not in SQUASHES:
+            raise ValueError(f"unknown squash '{self.squash}'; valid: {', '.join(SQUASHES)}")
+        for name in ("latent_reg_coef", "log_std_init"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.latent_reg_coef < 0:
+            raise ValueError(f"latent_reg_coef must be >= 0, got {self.latent_reg_coef}")
+        for name in ("decoder_steps", "decoder_pairs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        e = self.decoder_embed_dim
+        if not isinstance(e, int) or isinstance(e, bool) or e < 2 or e % 2:
+            raise ValueError(f"decoder_embed_dim must be an even integer >= 2, got {e!r}")
+
+
+@dataclass(frozen=True)
+class GoRLRecord:
+    eps: Tensor  # (B, Z) the latent sample: the "action" of the encoder's PPO ratio
+    log_prob: Tensor  # (B,) log N(eps; mu_old, sigma_old) summed over latent dims
+    pre_action: Tensor  # (B, A) g(s, eps), the pre-tanh decoder output (refinement target)
+
+
+def gaussian_kl_to_prior(mean: Tensor, log_std: Tensor) -> Tensor:
+    """KL(N(mean, diag exp(log_std)^2) || N(0, I)) = 1/2 sum (mu^2 + sigma^2 - 1 - 2 log sigma): (..., Z) -> (...)."""
+    return 0.5 * (mean.square() + (2.0 * log_std).exp() - 1.0 - 2.0 * log_std).sum(-1)
+
+
+class LatentEncoder(nn.Module):
+    """The encoder pi_theta(eps|s): a mean MLP and a free (or second-head) log sigma.
+
+    Laid out exactly as ``GaussianPolicy`` (``net``, ``log_std``), so the two load each other's
+    weights and stage 0 of GoRL reproduces Gaussian PPO bitwise.
+    """
+
+    def __init__(self, obs_dim: int, latent_dim: int, cfg: GoRLConfig) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.state_dependent_std = cfg.state_dependent_std
+        out = 2 * latent_dim if cfg.state_dependent_std else latent_dim
+        hidden = tuple(int(h) for h in cfg.encoder_hidden)
+        self.net = mlp(obs_dim, hidden, out, cfg.encoder_activation, out_gain=0.01)
+        if cfg.state_dependent_std:
+            with torch.no_grad():
+                self.net[-1].bias[latent_dim:] = cfg.log_std_init
+        else:
+            self.log_std = nn.Parameter(torch.full((latent_dim,), float(cfg.log_std_init)))
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean (B, Z), log_std (B, Z) or (Z,))."""
+        out = self.net(obs)
+        if self.state_dependent_std:
+            return out[:, : self.latent_dim], out[:, self.latent_dim :]
+        return out, self.log_std
+
+
+class GoRLPolicy(PolicyModule):
+    """Latent Gaussian encoder + deterministic flow decoder; PPO sees only the latent."""
+
+    family = "gorl"
+    config_class = GoRLConfig
+
+    def __init__(self, obs_dim: int, action_dim: int, config: GoRLConfig | None = None) -> None:
+        super().__init__(obs_dim, action_dim, config or GoRLConfig())
+        cfg = self.config
+        self.latent_dim = action_dim  # Z = A: eps is the ODE's initial state
+        self.encoder = LatentEncoder(obs_dim, self.latent_dim, cfg)
+        # the encoder's construction-time weights, restored by reset_encoder() (not in the state dict)
+        self._encoder_init = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        self.decoder = self._new_decoder()
+        with torch.no_grad():
+            for p in self.decoder.parameters():
+                p.zero_()  # every parameter 0: v == 0, so g(s, eps) = eps exactly
+        self.decoder.requires_grad_(False)
+
+    def _new_decoder(self) -> VelocityNet:
+        cfg = self.config
+        hidden = tuple(int(h) for h in cfg.decoder_hidden)
+        return VelocityNet(self.obs_dim, self.action_dim, hidden, cfg.decoder_activation, cfg.decoder_embed_dim)
+
+    # -- parts ----------------------------------------------------------------------------------
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters())
+
+    def distribution(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder at ``obs``: (mean (B, Z), log_std (B, Z) or (Z,))."""
+        return self.encoder(obs)
+
+    def decode(self, obs: Tensor, eps: Tensor) -> Tensor:
+        """g(s, eps): Euler-integrate the decoder's velocity from x_0 = eps; (B, O), (B, Z) -> (B, A)
+        pre-squash. Deterministic (no noise); differentiable only in the decoder's parameters."""
+        return integrate(self.decoder, eps, obs, self.config.decoder_steps, "euler")
+
+    def squash(self, pre_action: Tensor) -> Tensor:
+        return torch.tanh(pre_action) if self.config.squash == "tanh" else pre_action
+
+    @contextlib.contextmanager
+    def decoder_training(self) -> Iterator[list[nn.Parameter]]:
+        """Inside: the decoder's parameters require grad (refinement); outside they never do."""
+        params = self.decoder_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            yield params
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def act(
+        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GoRLRecord]:
+        """eps ~ N(mu(s), sigma) (eps = mu if ``deterministic``), pre = g(s, eps), action = squash(pre)."""
+        self.check_obs(obs)
+        mean, log_std = self.encoder(obs)
+        if deterministic:
+            eps = mean
+        else:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            eps = mean + noise * log_std.exp()
+        log_prob = diag_gaussian_log_prob(eps, mean, log_std)
+        eps = eps.detach()
+        with torch.no_grad():
+            pre = self.decode(obs, eps)
+            action = self.squash(pre)
+        return action, GoRLRecord(eps, log_prob.detach(), pre)
+
+    def log_prob(self, obs: Tensor, eps: Tensor) -> Tensor:
+        """log pi_theta(eps | s) summed over latent dims, (B,). The decoder plays no part."""
+        mean, log_std = self.encoder(obs)
+        return diag_gaussian_log_prob(eps, mean, log_std)
+
+    def log_ratio(self, obs: Tensor, record: GoRLRecord) -> Tensor:
+        check_detached(record)
+        self.check_obs(obs)
+        return self.log_prob(obs, record.eps) - record.log_prob
+
+    def regularizer(self, obs: Tensor, record: GoRLRecord) -> Tensor:
+        """Entropy of the latent Gaussian: sum_z (log sigma_z + 0.5 log(2 pi e)), shape (B,)."""
+        if self.config.state_dependent_std:
+            _, log_std = self.encoder(obs)
+        else:
+            log_std = self.encoder.log_std.expand(obs.shape[0], -1)
+        return (log_std + LOG_SQRT_2PI + 0.5).sum(-1)
+
+    def latent_regularizer(self, obs: Tensor) -> Tensor:
+        """The per-sample latent regulariser R (B,) of ``config.latent_reg`` (zeros for "none").
+
+        "kl": KL(N(mu, sigma^2) || N(0, I)); "l2_params": mean_z mu^2 + mean_z sigma^2, whose batch
+        mean is the official code's mean(mu^2) + mean(sigma^2).
+        """
+        mean, log_std = self.encoder(obs)
+        log_std = log_std.expand_as(mean)
+        kind = self.config.latent_reg
+        if kind == "kl":
+            return gaussian_kl_to_prior(mean, log_std)
+        if kind == "l2_params":
+            return mean.square().mean(-1) + (2.0 * log_std).exp().mean(-1)
+        return mean.new_zeros(mean.shape[0])
+
+    def auxiliary_loss(
+        self, obs: Tensor, record: GoRLRecord, returns: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """latent_reg_coef * mean_B R(pi_theta(.|s)), minimised; None when off."""
+        cfg = self.config
+        if cfg.latent_reg == "none" or cfg.latent_reg_coef == 0:
+            return None
+        reg = self.latent_regularizer(obs).mean()
+        return cfg.latent_reg_coef * reg, {"gorl_latent_reg": reg.detach()}
+
+    # -- decoder refinement ---------------------------------------------------------------------
+    def decoder_loss(self, obs: Tensor, pre_actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Flow-matching loss of the decoder on (s, pre-tanh action) pairs, a scalar.
+
+        Each of the B samples gets ``decoder_pairs`` fresh pairs (eps ~ N(0, I), tau ~ U[0, 1]),
+        x_tau = (1 - tau) eps + tau a, loss = mean ||v(x_tau, tau | s) - (a - eps)||^2 (summed over
+        A). The encoder's latents never enter: the source is the fixed prior.
+        """
+        self.check_obs(obs)
+        if pre_actions.shape != (obs.shape[0], self.action_dim):
+            raise ValueError(
+                f"pre_actions has shape {tuple(pre_actions.shape)}, expected ({obs.shape[0]}, {self.action_dim})"
+            )
+        p = self.config.decoder_pairs
+        o = obs.repeat_interleave(p, dim=0)
+        a = pre_actions.repeat_interleave(p, dim=0)
+        kw = dict(generator=generator, dtype=a.dtype, device=a.device)
+        z = torch.randn(a.shape, **kw)
+        tau = torch.rand(a.shape[0], **kw)
+        return cfm_loss(self.decoder, a, z, tau, o).mean()
+
+    def reset_encoder(self, seed: int | None = None) -> None:
+        """Re-initialise the encoder in place (parameter objects kept, so optimisers still hold them).
+
+        ``seed`` None: back to the weights it had at construction (every stage starts from the same
+        encoder, as the official code's same-seed re-creation does); an int: a fresh init drawn
+        under that seed (the global RNG is left untouched).
+        """
+        if seed is None:
+            state = self._encoder_init
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                state = LatentEncoder(self.obs_dim, self.latent_dim, self.config).state_dict()
+        self.encoder.load_state_dict(state)
+
+    def reset_decoder(self, seed: int = 0) -> None:
+        """Re-create the decoder from scratch (trainable init, drawn under ``seed``) in place.
+
+        The fresh ``VelocityNet`` has Xavier hidden layers and a zero last layer: still g = identity
+        until trained. Parameter objects are kept and stay ``requires_grad=False``.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = self._new_decoder().state_dict()
+        self.decoder.load_state_dict(state)
+
+
+__all__ = ["GoRLConfig", "GoRLPolicy", "GoRLRecord", "LatentEncoder", "gaussian_kl_to_prior"]
