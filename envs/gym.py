@@ -60,6 +60,12 @@ def _register_project_envs() -> None:
             gym.register_envs(gymnasium_robotics)
         except ImportError:
             pass
+        try:  # DeepMind Control Suite tasks dmc/HopperStand-v0, ... when dm_control imports (envs.dmc)
+            from envs.dmc import register_dmc_envs
+
+            register_dmc_envs()
+        except ImportError:
+            pass
 
 
 _ROBOTICS_TRIED = False
