@@ -60,7 +60,6 @@ device, one observation per step.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -70,6 +69,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
+from genrl.algos.gorl import train_decoder
 from policies.gorl import GoRLPolicy
 
 #: seed offset per stage for the decoder's re-creation and training noise
@@ -113,7 +113,7 @@ class RefinementBuffer:
         self.pos = self.size = 0
 
 
-class GoRLLatentWrapper(gym.Wrapper):
+class GoRLLatentWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """The latent MDP of GoRL: actions are latents eps in ``[-latent_bound, latent_bound]^Z``.
 
     Args:
@@ -134,7 +134,10 @@ class GoRLLatentWrapper(gym.Wrapper):
         buffer_size: int = 50_000,
         record: bool = True,
     ) -> None:
-        super().__init__(env)
+        gym.utils.RecordConstructorArgs.__init__(
+            self, policy=policy, latent_bound=latent_bound, buffer_size=buffer_size, record=record
+        )  # env.spec can re-create the wrapper (same policy object, a fresh buffer)
+        gym.Wrapper.__init__(self, env)
         if not isinstance(policy, GoRLPolicy):
             raise TypeError(f"policy must be a GoRLPolicy, got {type(policy).__name__}")
         obs_space, act_space = env.observation_space, env.action_space
@@ -233,73 +236,6 @@ class GoRLSB3Config:
         if any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"stage_fractions {list(self.stage_fractions)} leave a stage empty in {total_timesteps} steps")
         return bounds
-
-
-def train_decoder(
-    policy: GoRLPolicy,
-    obs: torch.Tensor,
-    pre: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    val_fraction: float,
-    patience: int,
-    seed: int,
-) -> dict[str, float]:
-    """Re-create ``policy``'s decoder (``reset_decoder(seed)``) and fit it to (obs, pre) by flow
-    matching with fresh noise; the recipe of ``genrl.algos.gorl.GoRL.train_decoder``."""
-    device = next(policy.decoder.parameters()).device
-    obs, pre = obs.to(device), pre.to(device)
-    policy.reset_decoder(seed)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    n = obs.shape[0]
-    perm = torch.randperm(n, generator=gen, device=device)
-    n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n > 1 else 0
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    n_train = train_idx.numel()
-    bs = min(batch_size, n_train)
-    best, best_state, bad, n_epochs, train_loss = math.inf, None, 0, 0, math.nan
-
-    def val_loss() -> float:
-        g = torch.Generator(device=device).manual_seed(seed + 1)  # the same noise at every epoch
-        total = 0.0
-        with torch.no_grad():
-            for start in range(0, n_val, bs):
-                idx = val_idx[start : start + bs]
-                total += float(policy.decoder_loss(obs[idx], pre[idx], g)) * idx.numel()
-        return total / n_val
-
-    with policy.decoder_training() as params:
-        opt = torch.optim.Adam(params, lr=lr)
-        for _ in range(epochs):
-            order = train_idx[torch.randperm(n_train, generator=gen, device=device)]
-            total, count = 0.0, 0
-            for start in range(0, n_train, bs):
-                idx = order[start : start + bs]
-                loss = policy.decoder_loss(obs[idx], pre[idx], gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * idx.numel()
-                count += idx.numel()
-            train_loss = total / count
-            n_epochs += 1
-            if n_val:
-                val = val_loss()
-                if val < best:
-                    best, bad = val, 0
-                    best_state = copy.deepcopy(policy.decoder.state_dict())
-                else:
-                    bad += 1
-                    if patience and bad >= patience:
-                        break
-    if best_state is not None:
-        policy.decoder.load_state_dict(best_state)
-    stats = {"decoder_loss": train_loss, "decoder_epochs": float(n_epochs), "n_pairs": float(n)}
-    if n_val:
-        stats["decoder_val_loss"] = best
-    return stats
 
 
 def find_latent_wrappers(venv: Any) -> list[GoRLLatentWrapper]:

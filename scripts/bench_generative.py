@@ -32,6 +32,10 @@ FAMILIES = ("gaussian", "pmoe", "policyflow", "fpo", "diffusion")
 # while the MuJoCo PPO defaults reach 1000 with every family. So every family uses the defaults.
 FAMILY_PPO: dict[str, dict[str, Any]] = {f: {} for f in FAMILIES}
 FAMILY_POLICY: dict[str, dict[str, Any]] = {f: {} for f in FAMILIES}
+# FPO's "average" ratio (exp of the mean CFM-loss difference) overflowed to a non-finite gradient
+# on MultiGoal at 45k steps; the per-pair ratio with its log clamp at +/-3 (the FPO baseline in
+# GoRL's code) does not.
+FAMILY_POLICY["fpo"] = {"ratio_mode": "per_pair"}
 
 
 def make_config(
@@ -47,7 +51,12 @@ def make_config(
 
 
 def train_one(cfg: Any, eval_episodes: int) -> tuple[Any, dict[str, Any]]:
-    """Train with the run loop (CSV/TB logging included in the timed span); evaluate after."""
+    """Train with the run loop (CSV/TB logging included in the timed span); evaluate after.
+
+    A run stopped by the non-finite-loss guard is reported as diverged (with its step) and
+    evaluated as it stood at the last good update.
+    """
+    from genrl.errors import NonFiniteLossError
     from genrl.evaluate import evaluate
     from genrl.logger import Logger
     from genrl.trainer import build
@@ -56,14 +65,20 @@ def train_one(cfg: Any, eval_episodes: int) -> tuple[Any, dict[str, Any]]:
     run_dir.mkdir(parents=True, exist_ok=True)
     algo = build(cfg)
     logger = Logger(run_dir, cfg.run.total_steps, progress=False)
+    diverged = None
     t0 = time.perf_counter()
-    while algo.iteration < algo.n_iterations:
-        logger.log(algo.iterate(), algo.global_step)
+    try:
+        while algo.iteration < algo.n_iterations:
+            logger.log(algo.iterate(), algo.global_step)
+    except NonFiniteLossError as exc:
+        diverged = str(exc)
+        print(f"  diverged: {exc}", flush=True)
     wall = time.perf_counter() - t0
     logger.close()
     ev = evaluate(algo.policy, cfg.env, algo.env.obs_normalizer_state(), episodes=eval_episodes, seed=cfg.run.seed + 10_000)
     result = {"steps": algo.global_step, "wall_s": wall, "sps": algo.global_step / wall,
-              "return_mean": ev["eval/return_mean"], "return_std": ev["eval/return_std"], "log": str(run_dir / "progress.csv")}  # fmt: skip
+              "return_mean": ev["eval/return_mean"], "return_std": ev["eval/return_std"], "log": str(run_dir / "progress.csv"),
+              "diverged": diverged}  # fmt: skip
     return algo, result
 
 
@@ -103,7 +118,8 @@ def multigoal(args: argparse.Namespace) -> None:
     for family in args.families:
         per_seed = []
         for seed in args.seeds:
-            cfg = make_config(family, "genrl/MultiGoal-v0", args.steps, seed, out / f"multigoal-{family}-s{seed}", {"n_steps": 256})
+            cfg = make_config(family, "genrl/MultiGoal-v0", args.steps, seed, out / f"multigoal-{family}-s{seed}",
+                              {"n_steps": 64, "n_minibatches": 8}, n_envs=8)  # 512 samples, minibatches of 64
             algo, res = train_one(cfg, 5)
             paths, returns = trajectories(algo.policy, "genrl/MultiGoal-v0", algo.env.obs_normalizer_state(), args.episodes, seed + 20_000)
             algo.env.close()

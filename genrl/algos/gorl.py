@@ -125,6 +125,77 @@ def stage_boundaries(fractions: tuple[float, ...], n_iterations: int) -> list[in
     return bounds
 
 
+def train_decoder(
+    policy: GoRLPolicy,
+    obs: torch.Tensor,
+    pre: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    val_fraction: float,
+    patience: int,
+    seed: int,
+) -> dict[str, float]:
+    """Re-create ``policy``'s decoder (``reset_decoder(seed)``) and fit it to (obs, pre-tanh
+    actions) by flow matching with fresh noise, keeping the best-validation weights.
+
+    The refinement recipe shared by genrl's GoRL and the SB3 callback (``genrl.sb3``).
+    Returns {"decoder_loss", "decoder_epochs", "n_pairs"[, "decoder_val_loss"]}."""
+    device = next(policy.decoder.parameters()).device
+    obs, pre = obs.to(device), pre.to(device)
+    policy.reset_decoder(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n = obs.shape[0]
+    perm = torch.randperm(n, generator=gen, device=device)
+    n_val = min(n - 1, max(1, round(val_fraction * n))) if val_fraction > 0 and n > 1 else 0
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    n_train = train_idx.numel()
+    bs = min(batch_size, n_train)
+    best, best_state, bad, n_epochs, train_loss = math.inf, None, 0, 0, math.nan
+
+    def val_loss() -> float:
+        g = torch.Generator(device=device).manual_seed(seed + 1)  # the same noise at every epoch
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, n_val, bs):
+                idx = val_idx[start : start + bs]
+                total += float(policy.decoder_loss(obs[idx], pre[idx], g)) * idx.numel()
+        return total / n_val
+
+    with policy.decoder_training() as params:
+        opt = torch.optim.Adam(params, lr=lr)
+        for _ in range(epochs):
+            order = train_idx[torch.randperm(n_train, generator=gen, device=device)]
+            total, count = 0.0, 0
+            for start in range(0, n_train, bs):
+                idx = order[start : start + bs]
+                loss = policy.decoder_loss(obs[idx], pre[idx], gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * idx.numel()
+                count += idx.numel()
+            train_loss = total / count
+            n_epochs += 1
+            if n_val:
+                val = val_loss()
+                if val < best:
+                    best, bad = val, 0
+                    best_state = copy.deepcopy(policy.decoder.state_dict())
+                else:
+                    bad += 1
+                    if patience and bad >= patience:
+                        break
+    if best_state is not None:
+        policy.decoder.load_state_dict(best_state)
+    stats = {"decoder_loss": train_loss, "decoder_epochs": float(n_epochs), "n_pairs": float(n)}
+    if n_val:
+        stats["decoder_val_loss"] = best
+    return stats
+
+
+
 class GoRL:
     """GoRL over PPO: latent-space PPO within a stage, decoder refinement between stages."""
 
@@ -276,57 +347,13 @@ class GoRL:
 
     def train_decoder(self, obs: torch.Tensor, pre: torch.Tensor, seed: int) -> dict[str, float]:
         """Re-create the decoder and fit it to (obs, pre) by flow matching with fresh noise."""
-        c, policy = self.cfg, self.policy
-        policy.reset_decoder(seed)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        n = obs.shape[0]
-        perm = torch.randperm(n, generator=gen, device=self.device)
-        n_val = min(n - 1, max(1, round(c.val_fraction * n))) if c.val_fraction > 0 and n > 1 else 0
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
-        n_train = train_idx.numel()
-        bs = min(c.decoder_batch_size, n_train)
-        best, best_state, bad, epochs, train_loss = math.inf, None, 0, 0, math.nan
-        with policy.decoder_training() as params:
-            opt = torch.optim.Adam(params, lr=c.decoder_lr)
-            for _ in range(c.decoder_epochs):
-                order = train_idx[torch.randperm(n_train, generator=gen, device=self.device)]
-                total, count = 0.0, 0
-                for start in range(0, n_train, bs):
-                    idx = order[start : start + bs]
-                    loss = policy.decoder_loss(obs[idx], pre[idx], gen)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * idx.numel()
-                    count += idx.numel()
-                train_loss = total / count
-                epochs += 1
-                if n_val:
-                    val = self._validation_loss(obs[val_idx], pre[val_idx], seed)
-                    if val < best:
-                        best, bad = val, 0
-                        best_state = copy.deepcopy(policy.decoder.state_dict())
-                    else:
-                        bad += 1
-                        if c.patience and bad >= c.patience:
-                            break
-        if best_state is not None:
-            policy.decoder.load_state_dict(best_state)
-        stats = {"gorl/decoder_loss": train_loss, "gorl/decoder_epochs": float(epochs)}
-        if n_val:
-            stats["gorl/decoder_val_loss"] = best
-        return stats
-
-    def _validation_loss(self, obs: torch.Tensor, pre: torch.Tensor, seed: int) -> float:
-        """Decoder loss on the held-out set with the same noise at every epoch (comparable values)."""
-        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
-        bs = self.cfg.decoder_batch_size
-        total = 0.0
-        with torch.no_grad():
-            for start in range(0, obs.shape[0], bs):
-                o, p = obs[start : start + bs], pre[start : start + bs]
-                total += float(self.policy.decoder_loss(o, p, gen)) * o.shape[0]
-        return total / obs.shape[0]
+        c = self.cfg
+        stats = train_decoder(
+            self.policy, obs, pre, epochs=c.decoder_epochs, batch_size=c.decoder_batch_size,
+            lr=c.decoder_lr, val_fraction=c.val_fraction, patience=c.patience, seed=seed,
+        )  # fmt: skip
+        stats.pop("n_pairs")
+        return {f"gorl/{k}": v for k, v in stats.items()}
 
     # -- exact resume ---------------------------------------------------------------------------
     def gorl_state(self) -> dict[str, int]:
