@@ -218,6 +218,13 @@ def mujoco(args: argparse.Namespace) -> None:
     plot_curves(results, out / "mujoco.png")
 
 
+def _ffill(v: np.ndarray) -> np.ndarray:
+    idx = np.where(np.isnan(v), 0, np.arange(len(v)))
+    np.maximum.accumulate(idx, out=idx)
+    out = v[idx]
+    return out
+
+
 def plot_curves(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -233,7 +240,8 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
             cols = [read_csv(r["log"]) for r in rs]
             n = min(len(c["step"]) for c in cols)
             x = np.array(cols[0]["step"][:n])
-            y = np.array([c["rollout/ep_return"][:n] for c in cols])
+            # long episodes do not end in every iteration: carry the last logged return forward
+            y = np.array([_ffill(np.array(c["rollout/ep_return"][:n])) for c in cols])
             (line,) = ax.plot(x, np.nanmean(y, 0), label=f"{family} (n={len(rs)})")
             ax.fill_between(x, np.nanmin(y, 0), np.nanmax(y, 0), alpha=0.15, color=line.get_color())
         ax.set_title(env_id)
