@@ -27,6 +27,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.render import disc
+
 ENV_ID = "genrl/PointMaze-v0"
 MAX_EPISODE_STEPS = 200
 
@@ -94,10 +96,6 @@ def route_taken(trajectory: Any, block: tuple[float, float, float, float] | None
     return "left" if x_cross < x_mid else "right"
 
 
-def _disc(img: np.ndarray, cx: float, cy: float, r: float, color: tuple[int, int, int]) -> None:
-    h, w = img.shape[:2]
-    rows, cols = np.ogrid[:h, :w]
-    img[(cols - cx) ** 2 + (rows - cy) ** 2 <= r * r] = color
 
 
 class PointMazeEnv(gym.Env):
@@ -199,8 +197,8 @@ class PointMazeEnv(gym.Env):
         def to_px(p: np.ndarray) -> tuple[float, float]:  # y points up in the image
             return p[0] * px, (self.height - p[1]) * px
 
-        _disc(img, *to_px(self.goal), self.goal_radius * px, (90, 190, 100))
-        _disc(img, *to_px(self.position), max(3.0, self.agent_radius * px), (40, 90, 200))
+        disc(img, *to_px(self.goal), self.goal_radius * px, (90, 190, 100))
+        disc(img, *to_px(self.position), max(3.0, self.agent_radius * px), (40, 90, 200))
         return img
 
 

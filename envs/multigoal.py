@@ -35,6 +35,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from envs.render import disc
+
 ENV_ID = "genrl/MultiGoal-v0"
 MAX_EPISODE_STEPS = 50
 
@@ -77,11 +79,6 @@ def count_goals_reached(final_positions: Any, goals: np.ndarray | None = None, g
     return int(np.count_nonzero(goal_histogram(final_positions, goals, goal_radius)))
 
 
-def _disc(img: np.ndarray, cx: float, cy: float, r: float, color: tuple[int, int, int]) -> None:
-    """Fill a disc (pixel coordinates, row = cy) in place."""
-    h, w = img.shape[:2]
-    rows, cols = np.ogrid[:h, :w]
-    img[(cols - cx) ** 2 + (rows - cy) ** 2 <= r * r] = color
 
 
 class MultiGoalEnv(gym.Env):
@@ -163,8 +160,8 @@ class MultiGoalEnv(gym.Env):
         img[int(centre[1]), :] = (225, 225, 225)
         img[:, int(centre[0])] = (225, 225, 225)
         for g in self.goals:
-            _disc(img, *to_px(g), self.goal_radius * scale, (230, 120, 110))
-        _disc(img, *to_px(self.position), max(3.0, 0.25 * scale), (40, 90, 200))
+            disc(img, *to_px(g), self.goal_radius * scale, (230, 120, 110))
+        disc(img, *to_px(self.position), max(3.0, 0.25 * scale), (40, 90, 200))
         return img
 
 

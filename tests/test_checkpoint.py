@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from compare import assert_same_nested, assert_same_tensors
 from genrl import cli
 from genrl.checkpoint import checkpoint_steps, latest_checkpoint, load_checkpoint
 from genrl.config import config_from_dict
@@ -56,30 +57,6 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
     assert len(lines) == 1, lines
     assert lines[0].startswith("genrl: error:"), lines[0]
     return lines[0]
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys(), (a, sorted(set(ta) ^ set(tb)))
-    for key in ta:
-        assert ta[key].dtype == tb[key].dtype and ta[key].shape == tb[key].shape, key
-        assert torch.equal(ta[key], tb[key]), f"{b.name}: tensor '{key}' differs"
-
-
-def assert_same_nested(a, b, where: str = "") -> None:
-    """Equality of nested dicts/lists of tensors and plain values (torch.equal for tensors)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_same_nested(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_nested(x, y, f"{where}[{i}]")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
 
 
 def same_column(a: list[float], b: list[float]) -> bool:

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch.distributions import Normal, kl_divergence
 
+from compare import assert_same_nested, assert_same_tensors
 from envs.base import EnvSpec, StepResult
 from genrl import cli
 from genrl.algos.gorl import GoRL, GoRLTrainConfig, stage_boundaries
 from genrl.algos.ppo import PPO, PPOConfig
 from genrl.checkpoint import checkpoint_steps, load_checkpoint
 from genrl.config import TrainConfig, config_from_dict
-from genrl.errors import CheckpointError, ConfigError
+from genrl.errors import ConfigError
 from genrl.logger import read_csv
 from policies.base import load_pretrained, record_map, resolve_family
 from policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
@@ -64,28 +64,6 @@ def clone_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def assert_same_tensors(a: Path, b: Path) -> None:
-    ta, tb = load_file(str(a)), load_file(str(b))
-    assert ta.keys() == tb.keys(), (a, sorted(set(ta) ^ set(tb)))
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), f"{b.name}: tensor '{key}' differs"
-
-
-def assert_same_nested(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for k in a:
-            assert_same_nested(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_nested(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def same_column(a: list[float], b: list[float]) -> bool:
