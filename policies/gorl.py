@@ -8,10 +8,13 @@ d eps with
   of the action's size (Z = A); it is the only part an RL update (PPO here) touches: the stored
   "action" of the ratio is the latent eps, the log-prob is log N(eps; mu, sigma) summed over latent
   dims, and no gradient ever flows through the decoder;
-* the **decoder** g_phi(s, eps): a conditional flow-matching velocity field (``flow.VelocityNet``,
-  convention B: t = 0 noise, t = 1 action) integrated with ``decoder_steps`` Euler steps from
-  x_0 = eps, **deterministic** given (s, eps) (no SDE / feather noise: all exploration comes from the
-  encoder). It is trained only by supervised refinement (``decoder_loss``) on (s, pre-tanh action)
+* the **decoder** g_phi(s, eps), **deterministic** given (s, eps) (no SDE / feather noise: all
+  exploration comes from the encoder): ``decoder="flow"`` (GoRL-FM), a conditional flow-matching
+  velocity field (``flow.VelocityNet``, convention B: t = 0 noise, t = 1 action) integrated with
+  ``decoder_steps`` Euler steps from x_0 = eps; ``decoder="diffusion"`` (GoRL-Diff), a DDIM
+  (tau = eta = 0) sampler with T = ``decoder_steps`` steps from the terminal noise x_T = eps to the
+  pre-tanh action, driven by an eps-prediction net (the same ``VelocityNet`` layout, fed t = k / T;
+  see "GoRL-Diff" below). It is trained only by supervised refinement (``decoder_loss``) on (s, pre-tanh action)
   pairs with *fresh* source noise eps ~ N(0, I), never the encoder's latents (the paper's
   "fixed-prior anchor"; the algorithm lives in ``genrl.algos.gorl``);
 * the executed action tanh(g_phi(s, eps)) (``squash="tanh"``, the paper's; ``"none"`` leaves the
@@ -19,7 +22,7 @@ d eps with
 
 Stage 0 starts from an **exactly** zero decoder (every parameter 0, the official code's choice):
 the velocity is identically 0, so g(s, eps) = eps bitwise and GoRL stage 0 *is* Gaussian PPO on the
-pre-tanh action (tested). A refinement re-creates the decoder from scratch (``reset_decoder``, the
+pre-tanh action (tested; for the diffusion decoder it is the near identity 1.0519 eps, see below). A refinement re-creates the decoder from scratch (``reset_decoder``, the
 code retrains from scratch each time) with ``VelocityNet``'s trainable init (Xavier, zero last layer:
 still the identity at t = 0 of training, but with live hidden units; an all-zero net would have no
 gradient through its hidden layers).
@@ -40,7 +43,34 @@ Choices (paper v3 / official code ``bennidict23/GoRL`` differ where noted):
   mean(mu^2) + mean(sigma^2) (pulls sigma to 0, not 1); ``"none"`` turns it off. Weighted by
   ``latent_reg_coef`` and *minimised* through ``auxiliary_loss``.
 * ``regularizer`` is the latent Gaussian's entropy (PPO maximises it with ``ppo.ent_coef``).
-* ``decoder="diffusion"`` (GoRL-Diff, DDIM tau = 0) is not implemented: the config refuses it.
+
+GoRL-Diff (``decoder="diffusion"``): T noise levels abar_0 > ... > abar_{T-1} (abar_{-1} := 1, the
+clean action); the decoder runs the deterministic DDIM update for k = T-1, ..., 0 from x = eps,
+
+    e = eps_phi(x, k / T | s),   x <- sqrt(abar_{k-1}) (x - sqrt(1 - abar_k) e) / sqrt(abar_k)
+                                      + sqrt(1 - abar_{k-1}) e,
+
+and is trained by the DDPM eps-prediction loss ||xi - eps_phi(a_k, k / T | s)||^2, a_k = sqrt(abar_k) a
++ sqrt(1 - abar_k) xi, xi ~ N(0, I) fresh, k uniform on {0, ..., T-1}. Two beta schedules; which one
+is active is the persistent buffer ``decoder_schedule`` (0 linear, 1 cosine), so save / load and exact
+resume keep it:
+
+* **linear** (the stage-0 decoder; the design notes' account of the official code): betas = linspace(1e-4, 0.02, T) (DDPM's
+  endpoints). With the all-zero eps-net every DDIM step is x <- sqrt(abar_{k-1} / abar_k) x, so
+  g(s, eps) = eps / sqrt(abar_{T-1}): for T = 10, abar_9 = 0.9037394161512371 and the factor is
+  1 / sqrt(abar_9) = 1.051909525569616 (the design notes' "~1.05x"), a near identity: stage 0 of
+  GoRL-Diff is Gaussian PPO on 1.0519 eps, not bitwise Gaussian PPO (GoRL-FM's zero decoder is).
+* **cosine** (every decoder ``reset_decoder`` creates for refinement): the first T betas of
+  ``diffusion.cosine_beta_schedule(T + 1)``, i.e. its levels f(k / (T + 1)), k = 1..T. The last
+  level of ``cosine_beta_schedule(T)`` is clipped to beta = 0.999 (abar_{T-1} ~ 2e-5, zero SNR: the
+  first DDIM step would amplify eps-prediction errors ~200x); dropping it keeps a terminal
+  abar_{T-1} ~ 0.02 (T = 10), close to the official code's 0.024 (its cosine grid of 10 levels, the
+  first being abar = 1, sampled with 9 DDIM updates). A freshly reset (zero last layer) diffusion
+  decoder is therefore eps / sqrt(abar_{T-1}) (~7x) until it is trained; refinement trains it at once.
+* The official code (``bennidict23/GoRL``, ``decoders.py``) by default uses an "epsilon_delta"
+  parameterisation on an abar linear in t (1 -> 1e-3) that keeps a zero net exactly the identity;
+  the direct eps-prediction DDIM with linear-beta stage 0 and cosine refinements here is the variant
+  the paper and the design notes (section 2.4) describe.
 
 Shapes: B batch, O obs dim, A action dim, Z = A latent dim, P ``decoder_pairs``.
 """
@@ -48,6 +78,7 @@ Shapes: B batch, O obs dim, A action dim, Z = A latent dim, P ``decoder_pairs``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -56,12 +87,14 @@ import torch
 from torch import Tensor, nn
 
 from policies.base import PolicyModule, check_detached
+from policies.diffusion import cosine_beta_schedule
 from policies.flow import VelocityNet, cfm_loss, integrate
 from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
 
 LATENT_REGS = ("kl", "l2_params", "none")
 DECODERS = ("flow", "diffusion")
 SQUASHES = ("tanh", "none")
+DIFFUSION_SCHEDULES = ("linear", "cosine")  # index = value of the ``decoder_schedule`` buffer
 
 
 @dataclass(frozen=True)
@@ -79,16 +112,17 @@ class GoRLConfig:
     latent_reg_coef: float = 1e-3
     """Weight of the latent regulariser in the minimised loss (code: 5e-4 stage 0, 1e-3 later)."""
     decoder: str = "flow"
-    """"flow" (GoRL-FM). "diffusion" (GoRL-Diff) is not implemented and is refused."""
+    """"flow" (GoRL-FM, Euler-integrated flow matching) or "diffusion" (GoRL-Diff, DDIM tau = 0)."""
     decoder_hidden: tuple[int, ...] = (64, 64, 64, 64)
-    """Hidden widths of the decoder's velocity MLP (code's run script: 4 x 64)."""
+    """Hidden widths of the decoder's velocity / eps-prediction MLP (code's run script: 4 x 64)."""
     decoder_activation: str = "silu"
     decoder_embed_dim: int = 64
     """Width of the decoder's Fourier time embedding and observation projection (even)."""
     decoder_steps: int = 10
-    """Euler steps of the decoder ODE from eps (t = 0) to the pre-tanh action (t = 1)."""
+    """Euler steps of the decoder ODE from eps (t = 0) to the pre-tanh action (t = 1); for
+    "diffusion", T: the noise levels of training and the DDIM steps of sampling (paper: 10)."""
     decoder_pairs: int = 8
-    """Fresh (eps, tau) pairs per (s, a) sample in ``decoder_loss`` (code: 8)."""
+    """Fresh (eps, tau) (flow) or (xi, k) (diffusion) pairs per (s, a) sample in ``decoder_loss`` (code: 8)."""
     squash: str = "tanh"
     """"tanh": env action = tanh(g(s, eps)) (paper); "none": env action = g(s, eps) (env clips)."""
 
@@ -104,10 +138,6 @@ class GoRLConfig:
             raise ValueError(f"unknown latent_reg '{self.latent_reg}'; valid: {', '.join(LATENT_REGS)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"unknown decoder '{self.decoder}'; valid: {', '.join(DECODERS)}")
-        if self.decoder == "diffusion":
-            raise ValueError(
-                "GoRL decoder='diffusion' (GoRL-Diff, DDIM tau=0) is not implemented in genrl; use decoder='flow'"
-            )
         if self.squash not in SQUASHES:
             raise ValueError(f"unknown squash '{self.squash}'; valid: {', '.join(SQUASHES)}")
         for name in ("latent_reg_coef", "log_std_init"):
@@ -135,6 +165,31 @@ class GoRLRecord:
 def gaussian_kl_to_prior(mean: Tensor, log_std: Tensor) -> Tensor:
     """KL(N(mean, diag exp(log_std)^2) || N(0, I)) = 1/2 sum (mu^2 + sigma^2 - 1 - 2 log sigma): (..., Z) -> (...)."""
     return 0.5 * (mean.square() + (2.0 * log_std).exp() - 1.0 - 2.0 * log_std).sum(-1)
+
+
+def diffusion_alpha_bars(n_steps: int, schedule: str) -> Tensor:
+    """abar_k, k = 0..T-1 (T = ``n_steps``), float64, of GoRL-Diff's "linear" (betas =
+    linspace(1e-4, 0.02, T)) or "cosine" (the first T betas of ``cosine_beta_schedule(T + 1)``)
+    schedule."""
+    if schedule == "linear":
+        betas = torch.linspace(1e-4, 0.02, n_steps, dtype=torch.float64)
+    elif schedule == "cosine":
+        betas = cosine_beta_schedule(n_steps + 1)[:n_steps]
+    else:
+        raise ValueError(f"unknown diffusion schedule '{schedule}'; valid: {', '.join(DIFFUSION_SCHEDULES)}")
+    return torch.cumprod(1.0 - betas, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _ddim_coefficients(n_steps: int, schedule: str) -> tuple[tuple[float, ...], ...]:
+    """(sqrt abar_k, sqrt(1 - abar_k), c_x_k, c_e_k) per k as Python floats (dtype/device-free), with
+    the DDIM (eta = 0) step x <- c_x_k x + c_e_k e from level k to k - 1 (abar_{-1} = 1):
+    c_x = sqrt(abar_{k-1} / abar_k), c_e = sqrt(1 - abar_{k-1}) - c_x sqrt(1 - abar_k)."""
+    abar = diffusion_alpha_bars(n_steps, schedule)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    c_x = (prev / abar).sqrt()
+    c_e = (1.0 - prev).sqrt() - c_x * (1.0 - abar).sqrt()
+    return tuple(tuple(float(v) for v in x) for x in (abar.sqrt(), (1.0 - abar).sqrt(), c_x, c_e))
 
 
 class LatentEncoder(nn.Module):
@@ -166,7 +221,7 @@ class LatentEncoder(nn.Module):
 
 
 class GoRLPolicy(PolicyModule):
-    """Latent Gaussian encoder + deterministic flow decoder; PPO sees only the latent."""
+    """Latent Gaussian encoder + deterministic flow / DDIM decoder; PPO sees only the latent."""
 
     family = "gorl"
     config_class = GoRLConfig
@@ -181,8 +236,12 @@ class GoRLPolicy(PolicyModule):
         self.decoder = self._new_decoder()
         with torch.no_grad():
             for p in self.decoder.parameters():
-                p.zero_()  # every parameter 0: v == 0, so g(s, eps) = eps exactly
+                p.zero_()  # every parameter 0: v == 0, so g(s, eps) = eps exactly (diffusion: ~1.05 eps)
         self.decoder.requires_grad_(False)
+        if cfg.decoder == "diffusion":
+            # the active beta schedule (index into DIFFUSION_SCHEDULES): linear for the stage-0
+            # decoder, cosine once reset_decoder() re-creates it; persistent, so saved and resumed
+            self.register_buffer("decoder_schedule", torch.tensor(0, dtype=torch.long))
 
     def _new_decoder(self) -> VelocityNet:
         cfg = self.config
@@ -200,10 +259,26 @@ class GoRLPolicy(PolicyModule):
         """The encoder at ``obs``: (mean (B, Z), log_std (B, Z) or (Z,))."""
         return self.encoder(obs)
 
+    @property
+    def diffusion_schedule(self) -> str:
+        """The active GoRL-Diff beta schedule, "linear" (stage 0) or "cosine" (after a reset)."""
+        if self.config.decoder != "diffusion":
+            raise AttributeError("only a decoder='diffusion' GoRL policy has a diffusion schedule")
+        return DIFFUSION_SCHEDULES[int(self.decoder_schedule)]
+
     def decode(self, obs: Tensor, eps: Tensor) -> Tensor:
-        """g(s, eps): Euler-integrate the decoder's velocity from x_0 = eps; (B, O), (B, Z) -> (B, A)
-        pre-squash. Deterministic (no noise); differentiable only in the decoder's parameters."""
-        return integrate(self.decoder, eps, obs, self.config.decoder_steps, "euler")
+        """g(s, eps), (B, O), (B, Z) -> (B, A) pre-squash: flow, Euler-integrate the decoder's velocity
+        from x_0 = eps; diffusion, T DDIM (eta = 0) steps from x_{T-1} = eps. Deterministic (no noise);
+        differentiable only in the decoder's parameters."""
+        T = self.config.decoder_steps
+        if self.config.decoder == "flow":
+            return integrate(self.decoder, eps, obs, T, "euler")
+        _, _, c_x, c_e = _ddim_coefficients(T, self.diffusion_schedule)
+        eps_net = self.decoder.conditioned(obs, torch.arange(T, dtype=torch.float64) / T)  # t = k / T
+        x = eps
+        for k in range(T - 1, -1, -1):
+            x = c_x[k] * x + c_e[k] * eps_net(x, k)
+        return x
 
     def squash(self, pre_action: Tensor) -> Tensor:
         return torch.tanh(pre_action) if self.config.squash == "tanh" else pre_action
@@ -284,11 +359,13 @@ class GoRLPolicy(PolicyModule):
 
     # -- decoder refinement ---------------------------------------------------------------------
     def decoder_loss(self, obs: Tensor, pre_actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Flow-matching loss of the decoder on (s, pre-tanh action) pairs, a scalar.
+        """Generative loss of the decoder on (s, pre-tanh action) pairs, a scalar.
 
-        Each of the B samples gets ``decoder_pairs`` fresh pairs (eps ~ N(0, I), tau ~ U[0, 1]),
+        Flow: each of the B samples gets ``decoder_pairs`` fresh pairs (eps ~ N(0, I), tau ~ U[0, 1]),
         x_tau = (1 - tau) eps + tau a, loss = mean ||v(x_tau, tau | s) - (a - eps)||^2 (summed over
-        A). The encoder's latents never enter: the source is the fixed prior.
+        A). Diffusion: fresh pairs (xi ~ N(0, I), k uniform on {0..T-1}), a_k = sqrt(abar_k) a +
+        sqrt(1 - abar_k) xi under the active schedule, loss = mean ||eps_phi(a_k, k / T | s) - xi||^2
+        (summed over A). The encoder's latents never enter: the source is the fixed prior.
         """
         self.check_obs(obs)
         if pre_actions.shape != (obs.shape[0], self.action_dim):
@@ -300,6 +377,14 @@ class GoRLPolicy(PolicyModule):
         a = pre_actions.repeat_interleave(p, dim=0)
         kw = dict(generator=generator, dtype=a.dtype, device=a.device)
         z = torch.randn(a.shape, **kw)
+        if self.config.decoder == "diffusion":
+            T = self.config.decoder_steps
+            k = torch.randint(T, (a.shape[0],), generator=generator, device=a.device)
+            sqrt_abar, sqrt_1m_abar, _, _ = _ddim_coefficients(T, self.diffusion_schedule)
+            s1 = torch.tensor(sqrt_abar, dtype=a.dtype, device=a.device)[k, None]
+            s2 = torch.tensor(sqrt_1m_abar, dtype=a.dtype, device=a.device)[k, None]
+            pred = self.decoder(s1 * a + s2 * z, k.to(a.dtype) / T, o)
+            return (pred - z).square().sum(-1).mean()
         tau = torch.rand(a.shape[0], **kw)
         return cfm_loss(self.decoder, a, z, tau, o).mean()
 
@@ -321,13 +406,20 @@ class GoRLPolicy(PolicyModule):
     def reset_decoder(self, seed: int = 0) -> None:
         """Re-create the decoder from scratch (trainable init, drawn under ``seed``) in place.
 
-        The fresh ``VelocityNet`` has Xavier hidden layers and a zero last layer: still g = identity
-        until trained. Parameter objects are kept and stay ``requires_grad=False``.
+        The fresh ``VelocityNet`` has Xavier hidden layers and a zero last layer: flow, still
+        g = identity until trained; diffusion, the schedule switches to cosine (for good), under
+        which the zero eps-net gives g = eps / sqrt(abar_{T-1}) until trained. Parameter objects are
+        kept and stay ``requires_grad=False``.
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             state = self._new_decoder().state_dict()
         self.decoder.load_state_dict(state)
+        if self.config.decoder == "diffusion":
+            self.decoder_schedule.fill_(DIFFUSION_SCHEDULES.index("cosine"))
 
 
-__all__ = ["GoRLConfig", "GoRLPolicy", "GoRLRecord", "LatentEncoder", "gaussian_kl_to_prior"]
+__all__ = [
+    "DIFFUSION_SCHEDULES", "GoRLConfig", "GoRLPolicy", "GoRLRecord", "LatentEncoder", "diffusion_alpha_bars",
+    "gaussian_kl_to_prior",
+]

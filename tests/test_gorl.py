@@ -29,7 +29,7 @@ from genrl.errors import ConfigError
 from genrl.logger import read_csv
 from policies.base import load_pretrained, record_map, resolve_family
 from policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
-from policies.gorl import GoRLConfig, GoRLPolicy, gaussian_kl_to_prior
+from policies.gorl import GoRLConfig, GoRLPolicy, diffusion_alpha_bars, gaussian_kl_to_prior
 
 OBS, ACT, B = 4, 2, 7
 
@@ -510,7 +510,7 @@ def test_resume_rejects_missing_or_inconsistent_stage(gorl_run: Path, tmp_path: 
     ("kwargs", "needle"),
     [
         ({"latent_reg": "kld"}, "latent_reg"),
-        ({"decoder": "diffusion"}, "not implemented"),
+        ({"decoder": "ddim"}, "unknown decoder"),
         ({"decoder": "gan"}, "unknown decoder"),
         ({"squash": "clip"}, "squash"),
         ({"decoder_steps": 0}, "decoder_steps"),
@@ -559,8 +559,9 @@ def test_config_section_is_strict_and_gorl_only() -> None:
     with pytest.raises(ConfigError, match="only to policy 'gorl'"):
         config_from_dict({"policy": "gaussian", "gorl": {"refine_steps": 10}})
     assert TrainConfig().gorl == GoRLTrainConfig()  # other families: the section stays default
-    with pytest.raises(ConfigError, match="not implemented"):
-        TrainConfig(policy="gorl", policy_config={"decoder": "diffusion"}).policy_config_object()
+    assert TrainConfig(policy="gorl", policy_config={"decoder": "diffusion"}).policy_config_object().decoder == "diffusion"
+    with pytest.raises(ConfigError, match="unknown decoder"):
+        TrainConfig(policy="gorl", policy_config={"decoder": "ddpm"}).policy_config_object()
 
 
 def test_cli_reports_bad_gorl_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -569,6 +570,187 @@ def test_cli_reports_bad_gorl_settings(tmp_path: Path, capsys: pytest.CaptureFix
     assert "stage_fractions" in capsys.readouterr().err
     assert cli.main([*base, "--steps", "2048", "--set", "gorl.refine_steps=0"]) == 2
     assert "gorl.refine_steps" in capsys.readouterr().err
-    assert cli.main([*base, "--steps", "2048", "--set", "policy_config.decoder=\"diffusion\""]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert cli.main([*base, "--steps", "2048", "--set", "policy_config.decoder=\"ddim\""]) == 2
+    assert "unknown decoder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# GoRL-Diff: the DDIM (eta = 0) decoder
+# ----------------------------------------------------------------------------------------------
+#: 1 / sqrt(abar_9) of the stage-0 linear schedule (betas = linspace(1e-4, 0.02, 10)):
+#: abar_9 = prod_k (1 - beta_k) = 0.9037394161512371. With an all-zero eps-net each DDIM step is
+#: x <- sqrt(abar_{k-1} / abar_k) x, and the product telescopes to x / sqrt(abar_9).
+LINEAR_IDENTITY_FACTOR = 1.051909525569616
+
+
+def diff(**kw) -> GoRLConfig:
+    return tiny(decoder="diffusion", decoder_steps=10, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diffusion_stage0_decoder_is_scaled_identity(dtype: torch.dtype) -> None:
+    policy = GoRLPolicy(OBS, ACT, diff(squash="none")).to(dtype)
+    assert all(torch.count_nonzero(p) == 0 for p in policy.decoder_parameters())
+    assert policy.diffusion_schedule == "linear"
+    abar = diffusion_alpha_bars(10, "linear")
+    assert abar[-1].item() == pytest.approx(0.9037394161512371, rel=1e-15, abs=0)
+    c = 1.0 / math.sqrt(abar[-1].item())
+    assert c == pytest.approx(LINEAR_IDENTITY_FACTOR, rel=1e-15, abs=0)
+    obs = torch.randn(B, OBS, generator=gen(1), dtype=dtype)
+    eps = 3.0 * torch.randn(B, ACT, generator=gen(2), dtype=dtype)
+    tol = 1e-14 if dtype == torch.float64 else 1e-6  # a product of 10 rounded step factors
+    torch.testing.assert_close(policy.decode(obs, eps), eps * c, rtol=tol, atol=0)
+    action, record = policy.act(obs, generator=gen(3))
+    torch.testing.assert_close(record.pre_action, record.eps * c, rtol=tol, atol=0)
+    assert torch.equal(action, record.pre_action)
+
+
+def test_diffusion_sampler_is_ddim_eta0_over_all_levels() -> None:
+    """decode = the textbook DDIM step x0 = (x - sqrt(1 - abar_k) e) / sqrt(abar_k),
+    x <- sqrt(abar_{k-1}) x0 + sqrt(1 - abar_{k-1}) e, k = T-1..0, e = eps_phi(x, k / T | s)."""
+    torch.manual_seed(0)
+    policy = trained_like(GoRLPolicy(OBS, ACT, diff())).double()
+    assert policy.diffusion_schedule == "cosine"
+    obs = torch.randn(B, OBS, generator=gen(1), dtype=torch.float64)
+    eps = torch.randn(B, ACT, generator=gen(2), dtype=torch.float64)
+    abar = diffusion_alpha_bars(10, "cosine").tolist()
+    x = eps
+    for k in range(9, -1, -1):
+        e = policy.decoder(x, torch.full((B,), k / 10, dtype=torch.float64), obs)
+        x0 = (x - math.sqrt(1 - abar[k]) * e) / math.sqrt(abar[k])
+        prev = abar[k - 1] if k > 0 else 1.0
+        x = math.sqrt(prev) * x0 + math.sqrt(1 - prev) * e
+    torch.testing.assert_close(policy.decode(obs, eps), x, rtol=1e-10, atol=1e-10)
+    # the cosine levels: decreasing, none degenerate (the clipped zero-SNR level is dropped)
+    ab = diffusion_alpha_bars(10, "cosine")
+    assert (ab[1:] < ab[:-1]).all() and 0.015 < ab[-1] < 0.025 and ab[0] < 1
+
+
+def test_diffusion_decoder_is_deterministic() -> None:
+    torch.manual_seed(0)
+    policy = trained_like(GoRLPolicy(OBS, ACT, diff()))
+    obs = torch.randn(B, OBS, generator=gen(1))
+    eps = torch.randn(B, ACT, generator=gen(2))
+    first = policy.decode(obs, eps)
+    assert not torch.allclose(first, eps)
+    for _ in range(3):
+        assert torch.equal(policy.decode(obs, eps), first)
+    p64 = policy.double()
+    o64, e64 = obs.double(), eps.double()
+    full = p64.decode(o64, e64)
+    rows = torch.cat([p64.decode(o64[i : i + 1], e64[i : i + 1]) for i in range(B)])
+    torch.testing.assert_close(rows, full, rtol=0, atol=1e-12)
+    a1, r1 = p64.act(o64, generator=gen(5))
+    a2, r2 = p64.act(o64, generator=gen(5))
+    assert torch.equal(a1, a2) and torch.equal(r1.pre_action, r2.pre_action)
+    torch.testing.assert_close(r1.pre_action, p64.decode(o64, r1.eps), rtol=0, atol=0)
+    assert torch.equal(torch.tanh(r1.pre_action), a1)
+
+
+def test_diffusion_decoder_loss_takes_state_action_only_and_learns() -> None:
+    torch.manual_seed(0)
+    policy = GoRLPolicy(OBS, ACT, diff(decoder_pairs=4))
+    policy.reset_decoder(seed=1)
+    obs = torch.randn(128, OBS, generator=gen(1))
+    target = torch.stack([torch.sin(obs[:, 0]) + obs[:, 1], 0.5 * obs[:, 2] * obs[:, 3]], dim=-1)
+    before = policy.decoder_loss(obs, target, gen(3))
+    # zero last layer: eps_phi = 0, so the loss is E||xi||^2 = A (up to sampling noise)
+    assert abs(float(before) - ACT) < 0.5
+    randomise_(policy.encoder_parameters(), 4)  # the encoder's latents never enter
+    assert torch.equal(policy.decoder_loss(obs, target, gen(3)), before)
+    with pytest.raises(ValueError, match="pre_actions"):
+        policy.decoder_loss(obs, target[:, :1], gen(3))
+    assert not policy.decoder_loss(obs, target, gen(3)).requires_grad
+    with policy.decoder_training() as params:
+        opt = torch.optim.Adam(params, lr=3e-3)
+        g = gen(5)
+        for _ in range(40):
+            loss = policy.decoder_loss(obs, target, g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert all(not p.requires_grad for p in policy.decoder_parameters())
+    with torch.no_grad():
+        after = policy.decoder_loss(obs, target, gen(3))
+    assert after < 0.85 * before, (float(before), float(after))
+
+
+def test_diffusion_reset_switches_to_cosine_and_persists(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    policy = GoRLPolicy(OBS, ACT, diff())
+    assert policy.diffusion_schedule == "linear" and "decoder_schedule" in policy.state_dict()
+    stage0 = tmp_path / "stage0"
+    policy.save_pretrained(stage0)
+    assert load_pretrained(stage0, family="gorl").diffusion_schedule == "linear"
+    policy.reset_decoder(seed=2)
+    assert policy.diffusion_schedule == "cosine"
+    assert all(not p.requires_grad for p in policy.decoder_parameters())
+    obs = torch.randn(B, OBS, generator=gen(1))
+    eps = torch.randn(B, ACT, generator=gen(2))
+    # zero last layer under cosine: eps / sqrt(abar_{T-1}) until trained
+    c = 1.0 / diffusion_alpha_bars(10, "cosine")[-1].sqrt().item()
+    torch.testing.assert_close(policy.decode(obs, eps), eps * c, rtol=1e-5, atol=0)
+    randomise_(policy.decoder_parameters(), 3)
+    policy.save_pretrained(tmp_path / "refined")
+    loaded = load_pretrained(tmp_path / "refined", family="gorl")
+    assert isinstance(loaded, GoRLPolicy) and loaded.diffusion_schedule == "cosine"
+    assert same_state(clone_state(policy), clone_state(loaded))
+    assert torch.equal(loaded.decode(obs, eps), policy.decode(obs, eps))
+    # a fresh (linear) policy takes the schedule from the state dict, as a resume does
+    fresh = GoRLPolicy(OBS, ACT, diff())
+    fresh.load_state_dict(policy.state_dict())
+    assert fresh.diffusion_schedule == "cosine" and torch.equal(fresh.decode(obs, eps), policy.decode(obs, eps))
+    # the flow policy's state dict is unchanged (no schedule buffer) and it has no schedule
+    flow = GoRLPolicy(OBS, ACT, tiny())
+    assert "decoder_schedule" not in flow.state_dict()
+    with pytest.raises(AttributeError):
+        flow.diffusion_schedule  # noqa: B018
+
+
+def test_diffusion_refinement_through_train_decoder() -> None:
+    from genrl.algos.gorl import train_decoder
+
+    torch.manual_seed(0)
+    policy = GoRLPolicy(OBS, ACT, diff())
+    obs = torch.randn(96, OBS, generator=gen(1))
+    pre = torch.tanh(obs[:, :ACT]) + 0.5 * obs[:, 2:]
+    stats = train_decoder(policy, obs, pre, epochs=3, batch_size=32, lr=1e-3, val_fraction=0.1, patience=0, seed=4)
+    assert policy.diffusion_schedule == "cosine"
+    assert math.isfinite(stats["decoder_loss"]) and math.isfinite(stats["decoder_val_loss"])
+    assert all(not p.requires_grad for p in policy.decoder_parameters())
+
+
+CONTRACT_CHECKS = (
+    "test_act_shapes_and_record", "test_log_ratio_is_exactly_zero_after_act", "test_generator_reproducibility",
+    "test_save_load_roundtrip", "test_log_ratio_rejects_record_with_grad", "test_record_map_indexes_every_field",
+    "test_bad_obs_shape_raises",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("check", CONTRACT_CHECKS)
+def test_diffusion_gorl_passes_policy_contract(check: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The generic policy-contract checks (tests/test_policy_contract.py), on a GoRL-Diff policy
+    with a cosine (refined-like) decoder: log_ratio exactly 0 after act, detached records, ..."""
+    import test_policy_contract as contract
+
+    def make(family: str, seed: int = 0) -> GoRLPolicy:
+        torch.manual_seed(seed)
+        policy = GoRLPolicy(contract.OBS, contract.ACT, GoRLConfig(decoder="diffusion"))
+        policy.reset_decoder(seed)
+        contract.randomise_(policy, seed + 100)
+        return policy
+
+    monkeypatch.setattr(contract, "make", make)
+    fn = getattr(contract, check)
+    kwargs: dict = {"family": "gorl"}
+    params = inspect.signature(fn).parameters
+    if "tmp_path" in params:
+        kwargs["tmp_path"] = tmp_path
+    cases = [{}]
+    if "deterministic" in params:
+        cases = [{"deterministic": False}, {"deterministic": True}]
+    if "shape" in params:
+        cases = [{"shape": (contract.B, contract.OBS + 1)}, {"shape": (contract.OBS,)}]
+    for extra in cases:
+        fn(**kwargs, **extra)

@@ -10,7 +10,7 @@ boundary a **refinement** phase runs:
    *separate* env instance (same env config, observation normaliser copied frozen from the
    training env, seed derived from run seed + stage), storing (s, pre-tanh action). These steps are
    not counted in the run's env steps; they are reported as ``gorl/refinement_steps`` (cumulative);
-2. re-create the decoder from scratch and train it by flow matching with fresh noise
+2. re-create the decoder from scratch and train it by its generative loss (flow matching, or DDPM noise prediction for GoRL-Diff) with fresh noise
    (``policy.decoder_loss``): ``decoder_epochs`` epochs of Adam (``decoder_lr``) on minibatches of
    ``decoder_batch_size`` samples, ``val_fraction`` held out, early stopping after ``patience``
    epochs without a better validation loss, best-validation weights kept (the code's recipe);
@@ -138,7 +138,7 @@ def train_decoder(
     seed: int,
 ) -> dict[str, float]:
     """Re-create ``policy``'s decoder (``reset_decoder(seed)``) and fit it to (obs, pre-tanh
-    actions) by flow matching with fresh noise, keeping the best-validation weights.
+    actions) by the decoder's generative loss with fresh noise, keeping the best-validation weights.
 
     The refinement recipe shared by genrl's GoRL and the SB3 callback (``genrl.sb3``).
     Returns {"decoder_loss", "decoder_epochs", "n_pairs"[, "decoder_val_loss"]}."""
@@ -346,7 +346,7 @@ class GoRL:
         return torch.cat(obs_list).clone(), torch.cat(pre_list).clone(), stats
 
     def train_decoder(self, obs: torch.Tensor, pre: torch.Tensor, seed: int) -> dict[str, float]:
-        """Re-create the decoder and fit it to (obs, pre) by flow matching with fresh noise."""
+        """Re-create the decoder and fit it to (obs, pre) by its generative loss with fresh noise."""
         c = self.cfg
         stats = train_decoder(
             self.policy, obs, pre, epochs=c.decoder_epochs, batch_size=c.decoder_batch_size,
