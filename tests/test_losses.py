@@ -68,7 +68,7 @@ def test_clipped_surrogate_at_zero_log_ratio() -> None:
 
 
 def test_clipped_surrogate_gradient_zero_when_clipped_in_improving_direction() -> None:
-    eps, B = 0.2, 6
+    eps = 0.2
     #            A>0,rho>1+e  A<0,rho<1-e  A>0,rho=1  A<0,rho>1+e  A>0,rho<1-e  A<0,rho=1.1
     rho = torch.tensor([1.5, 0.5, 1.0, 1.5, 0.5, 1.1], dtype=F64)
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, -3.0], dtype=F64)

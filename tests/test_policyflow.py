@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.distributions import Normal
 
 from policies.base import load_pretrained
-from policies.flow import VelocityNet, cfm_loss, flow_map, integrate
+from policies.flow import cfm_loss, flow_map, integrate
 from policies.nets import diag_gaussian_log_prob
 from policies.policyflow import PolicyFlowConfig, PolicyFlowPolicy, PolicyFlowRecord, brownian_residual
 
