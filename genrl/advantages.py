@@ -55,3 +55,51 @@ def gae(
     advantages = torch.from_numpy(adv).to(device=rewards.device, dtype=rewards.dtype)
     return advantages, advantages + values
 
+
+
+def group_advantages(rewards: Tensor, *, std_scope: str = "group", ddof: int = 0, eps: float = 1e-4) -> Tensor:
+    """GRPO advantages for rewards of shape (..., G): the G samples of one prompt form a group.
+
+    ``(r - mean_group) / (std + eps)`` with the std taken per group (``"group"``) or over every
+    reward of the batch (``"global"``, Flow-GRPO's released configs); ``ddof`` 0 is the
+    population std (Flow-GRPO), 1 the sample std (G2RPO, torch's default). Constant groups give
+    zeros, never NaN.
+    """
+    if std_scope not in ("group", "global"):
+        raise ValueError(f"unknown std_scope {std_scope!r}; valid: group, global")
+    if rewards.shape[-1] < 1 + ddof:
+        raise ValueError(f"a group needs more than {ddof} samples, got {rewards.shape[-1]}")
+    centred = rewards - rewards.mean(dim=-1, keepdim=True)
+    if std_scope == "group":
+        std = rewards.std(dim=-1, keepdim=True, correction=ddof)
+    else:
+        std = rewards.std(correction=ddof)
+    return centred / (std + eps)
+
+
+def aggregate_advantages(
+    scores: dict[str, Tensor],
+    weights: dict[str, float],
+    *,
+    mode: str = "sum",
+    std_scope: str = "group",
+    ddof: int = 0,
+    eps: float = 1e-4,
+) -> Tensor:
+    """Advantages from several rewards (each (..., G)).
+
+    ``"sum"``: normalise the weighted sum of rewards per group (plain GRPO).
+    ``"per_reward"``: normalise each reward per group, then add them weighted (G2RPO's rule for
+    several reward models).
+    ``"gdpo"``: GDPO's decoupled normalisation: per-reward group normalisation, weighted sum, then
+    one normalisation over the whole batch, so no reward's scale dominates the others.
+    """
+    if mode == "sum":
+        total = sum(weights[k] * scores[k] for k in weights)
+        return group_advantages(total, std_scope=std_scope, ddof=ddof, eps=eps)  # type: ignore[arg-type]
+    if mode not in ("per_reward", "gdpo"):
+        raise ValueError(f"unknown reward aggregation {mode!r}; valid: sum, per_reward, gdpo")
+    adv = sum(weights[k] * group_advantages(scores[k], std_scope=std_scope, ddof=ddof, eps=eps) for k in weights)
+    if mode == "gdpo":
+        adv = (adv - adv.mean()) / (adv.std(correction=ddof) + eps)  # type: ignore[union-attr]
+    return adv  # type: ignore[return-value]

@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a policy (or --resume a run)")
-    t.add_argument("--env", help="gymnasium id, e.g. Hopper-v5")
+    t.add_argument("--env", help="gymnasium id, e.g. Hopper-v5, or t2i for text-to-image fine-tuning")
+    t.add_argument("--model", help="t2i: 'digits' or a local diffusers pipeline folder (e.g. SD3.5-Medium)")
+    t.add_argument("--reward", help="t2i: reward spec, e.g. digit or digit=1,jpeg_compressibility=0.1 or clip:DIR")
+    t.add_argument("--prompts", help="t2i: prompts file (one per line, or a JSON list) or a built-in set")
     t.add_argument("--policy", help="policy family: gaussian | pmoe | policyflow | fpo | diffusion | gorl")
-    t.add_argument("--algo", help="algorithm: ppo")
-    t.add_argument("--steps", type=int, help="total env steps")
+    t.add_argument("--algo", help="algorithm: ppo (control) | flow-grpo | g2rpo (t2i)")
+    t.add_argument("--steps", type=int, help="total env steps (t2i: scored images)")
     t.add_argument("--seed", type=int)
     t.add_argument("--out", help="run folder")
     t.add_argument("--n-envs", type=int, dest="n_envs")
@@ -80,6 +83,12 @@ def _train(args: argparse.Namespace) -> int:
         run = train(resume=args.resume)
     else:
         data: dict[str, Any] = load_config_file(args.config) if args.config else {}
+        image = args.env == "t2i" or data.get("env") == "t2i"
+        control_only = [k for k in ("policy", "n_envs") if image and getattr(args, k) is not None]
+        image_only = [k for k in ("model", "reward", "prompts") if not image and getattr(args, k) is not None]
+        if control_only or image_only:
+            bad = (control_only or image_only)[0].replace("_", "-")
+            raise GenrlError(f"--{bad} does not apply to {'--env t2i' if image else 'control envs'}")
         flags = {
             "env.env_id": args.env,
             "policy": args.policy,
@@ -93,6 +102,9 @@ def _train(args: argparse.Namespace) -> int:
             "run.eval_episodes": args.eval_episodes,
             "run.device": args.device,
         }
+        if image:
+            flags = {("env" if k == "env.env_id" else k): v for k, v in flags.items() if k not in ("policy", "env.n_envs")}
+            flags.update({"model": args.model, "reward": args.reward, "prompts": args.prompts})
         over: dict[str, Any] = {}
         for key, value in flags.items():
             if value is not None:
@@ -105,11 +117,13 @@ def _train(args: argparse.Namespace) -> int:
             key, value = item.split("=", 1)
             _set_path(over, key.strip(), _parse_value(value.strip()))
         cfg = config_from_dict(merge(data, over))
-        from envs import check_env_id
+        if not image:
+            from envs import check_env_id
 
-        check_env_id(cfg.env.env_id)
+            check_env_id(cfg.env.env_id)
         run = train(cfg)
-    print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png)")
+    extra = ", images/, final/" if (Path(run) / "final").is_dir() else ""
+    print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png{extra})")
     return 0
 
 
@@ -122,6 +136,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     cfg = load_run_config(run)
+    if getattr(cfg, "env", None) == "t2i":
+        raise GenrlError(f"{run} is a text-to-image run: see {run}/images/ for its grids; load the model with genrl.image_trainer.load_finetuned('{run}')")
     ckpt = run / "checkpoints" / str(args.step) if args.step is not None else latest_checkpoint(run)
     data = load_checkpoint(ckpt)
     try:

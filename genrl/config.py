@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from genrl.algos.gorl import GoRLTrainConfig
+from genrl.algos.grpo import ALGOS as IMAGE_ALGOS
+from genrl.algos.grpo import GRPOConfig
 from genrl.algos.ppo import PPOConfig
 from genrl.errors import ConfigError
 
@@ -116,6 +118,38 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
+@dataclass(frozen=True)
+class ImageTrainConfig:
+    """A text-to-image fine-tuning run (``genrl train --env t2i``).
+
+    ``run.total_steps`` counts scored images; ``run.eval_episodes`` is the number of seeds per
+    prompt in the evaluation grid.
+    """
+
+    env: str = "t2i"
+    model: str = "digits"
+    """"digits" (the shipped digits model) or a local diffusers pipeline folder (e.g. SD3.5)."""
+    prompts: str | None = None
+    """A prompts file (one per line, or a JSON list) or a built-in set; default: the model's."""
+    reward: str = "digit"
+    """Reward spec: "digit", "digit=1,jpeg_compressibility=0.1", "clip:DIR", "module:fn" ..."""
+    algo: str = "flow-grpo"
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    run: RunConfig = field(default_factory=lambda: RunConfig(total_steps=2048, out="runs/t2i", eval_episodes=4))
+
+    def __post_init__(self) -> None:
+        if self.env != "t2i":
+            raise ConfigError(f"ImageTrainConfig.env must be 't2i', got {self.env!r}")
+        if self.algo not in IMAGE_ALGOS:
+            raise ConfigError(f"unknown algo '{self.algo}' for --env t2i; valid choices: {', '.join(IMAGE_ALGOS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     """Strictly build dataclass ``cls`` from ``data``; nested dataclasses recurse."""
     if not isinstance(data, dict):
@@ -130,6 +164,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"unknown key '{key}' in [{where}]{hint} valid: {', '.join(fields)}")
         hint_t = hints[key]
         if dataclasses.is_dataclass(hint_t):
+            factory = fields[key].default_factory
+            if factory is not dataclasses.MISSING and isinstance(value, dict):  # keep the field's own defaults
+                value = merge(dataclasses.asdict(factory()), value)  # type: ignore[misc]
             kwargs[key] = _build(hint_t, value, f"{where}.{key}" if where else key)
         else:
             kwargs[key] = _coerce(value, fields[key].default, f"{where}.{key}" if where else key)
@@ -164,8 +201,11 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
     return value
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Build a TrainConfig from nested plain data, rejecting unknown keys and bad types."""
+def config_from_dict(data: dict[str, Any]) -> TrainConfig | ImageTrainConfig:
+    """Build a TrainConfig (or, for ``env = "t2i"``, an ImageTrainConfig) from nested plain data,
+    rejecting unknown keys and bad types."""
+    if data.get("env") == "t2i":
+        return _build(ImageTrainConfig, data, "")
     return _build(TrainConfig, data, "")
 
 

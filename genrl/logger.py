@@ -61,6 +61,8 @@ class Logger:
             post["return"] = f"{row['rollout/ep_return']:.1f}"
         if "eval/return_mean" in row:
             post["eval"] = f"{row['eval/return_mean']:.1f}"
+        if "reward/total" in row:
+            post["reward"] = f"{row['reward/total']:.3f}"
         if "time/sps" in row:
             post["sps"] = f"{row['time/sps']:.0f}"
         if post:

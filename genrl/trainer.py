@@ -147,7 +147,7 @@ def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
 
-def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
+def train(cfg: "TrainConfig | ImageTrainConfig | None" = None, *, resume: str | Path | None = None) -> Path:
     """Train (or resume) a run and return its folder.
 
     Args:
@@ -157,6 +157,12 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None) -
     Raises:
         ConfigError, CheckpointError, NonFiniteLossError (earlier checkpoints are left intact).
     """
+    from genrl.config import ImageTrainConfig
+
+    if isinstance(cfg, ImageTrainConfig) or (resume is not None and isinstance(load_run_config(resume), ImageTrainConfig)):
+        from genrl.image_trainer import train_image
+
+        return train_image(cfg, resume=resume)
     if resume is not None:
         run_dir = Path(resume)
         cfg = load_run_config(run_dir)

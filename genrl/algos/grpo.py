@@ -1,0 +1,438 @@
+"""GRPO for text-to-image flow models: Flow-GRPO and G2RPO, top-down in one file.
+
+Flow-GRPO (Liu et al. 2025, arXiv 2505.05470): sample G images per prompt with the SDE sampler
+(``policies.t2i.sde_step``), store every step's (x_t, x_t+1, log pi_old), score the images,
+take group-relative advantages per prompt, broadcast them to every trained step, and minimise
+the clipped surrogate (clip 1e-4: log-probs are per-element means) plus an optional KL to the
+frozen reference (LoRA disabled).
+
+G2RPO (Zhou et al. 2025, arXiv 2510.01982): Singular Stochastic Sampling: one initial noise and
+one deterministic anchor trajectory per prompt; at each optimised step k the G branches differ
+only by that step's SDE noise and continue deterministically, so the reward is attributable to
+step k. Multi-Granularity Advantage Integration: each branch is continued under several step
+strides lambda, every (prompt, k, lambda) column is normalised over its G branches, and the
+advantages are summed over lambda. One optimiser step per k.
+
+Options: GRPO-Guard's normalised ratio (``ratio="guard"``), GDPO's decoupled per-reward
+normalisation (``reward_aggregation="gdpo"``), same initial noise per group, SDE on a subset of
+steps (MixGRPO-style ``sde_steps``), LoRA or full fine-tuning.
+
+Shapes: P prompts per iteration, G group size, N = P*G images, T sampling steps, M optimised
+steps (G2RPO), L granularities, C/H/W latent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from genrl.advantages import aggregate_advantages
+from genrl.errors import ConfigError, NonFiniteLossError
+from genrl.losses import clipped_surrogate
+from policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference, sde_step
+
+ALGOS = ("flow-grpo", "g2rpo")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Hyperparameters of Flow-GRPO and G2RPO (defaults: the papers' where they fit a CPU).
+
+    ``None`` means "the algorithm's own default": std_ddof 0 / eps 1e-4 for Flow-GRPO, 1 / 1e-8
+    for G2RPO; the model's sidecar values for guidance and resolution.
+    """
+
+    num_steps: int = 10
+    """T: denoising steps while sampling for training (Flow-GRPO: 10 of the 40 inference steps)."""
+    noise_level: float = 0.7
+    """eta of the SDE's std_s = eta * sqrt(s / (1 - s))."""
+    group_size: int = 8
+    """G images per prompt."""
+    prompts_per_iter: int = 4
+    """P prompt groups per iteration (sampled without replacement while the set allows)."""
+    # Flow-GRPO
+    timestep_fraction: float = 0.99
+    """Train the first int(T * fraction) steps (0.99 of 10 -> 9; the last step is skipped)."""
+    sde_steps: tuple[int, ...] = ()
+    """Only these step indices are stochastic and trained (MixGRPO-style); () = every step."""
+    same_initial_noise: bool = False
+    """One initial noise per group (G2RPO always does this)."""
+    std_scope: str = "global"
+    """Flow-GRPO's advantage std: "global" over the batch (released configs) or per "group"."""
+    std_ddof: int | None = None
+    adv_eps: float | None = None
+    adv_clip: float = 5.0
+    clip_range: float = 1e-4
+    kl_coef: float = 0.0
+    """beta of the KL to the reference (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore; G2RPO: 0)."""
+    kl: str = "flow_grpo"
+    """"flow_grpo": mean (dmu)^2 / (2 std_s^2) (no |dt|); "exact": the Gaussian KL of the step."""
+    ratio: str = "standard"
+    """"standard" exp(lp - lp_old) or "guard" (GRPO-Guard's bias-free, step-normalised ratio)."""
+    reward_aggregation: str | None = None
+    """"sum" | "per_reward" | "gdpo"; default "sum" (Flow-GRPO), "per_reward" (G2RPO)."""
+    epochs: int = 1
+    """Passes over each iteration's samples."""
+    updates_per_epoch: int = 1
+    """Flow-GRPO: optimiser steps per pass (minibatches); G2RPO always steps once per k."""
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    finetune: str = "lora"
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    guidance_scale: float | None = None
+    resolution: int | None = None
+    eval_num_steps: int | None = None
+    """ODE steps for evaluation and image grids (default: the model's inference steps)."""
+    # G2RPO
+    g2rpo_steps: int | None = None
+    """|M|: optimise steps 0 .. M-1 (paper: the first half, T // 2)."""
+    granularities: tuple[int, ...] = (1, 2)
+    """Lambda: continuation strides (paper {1, 2, 3}; released script {1, 2})."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "num_steps": self.num_steps >= 1,
+            "noise_level": self.noise_level >= 0,
+            "group_size": self.group_size >= 2,
+            "prompts_per_iter": self.prompts_per_iter >= 1,
+            "timestep_fraction": 0 < self.timestep_fraction <= 1,
+            "adv_clip": self.adv_clip > 0,
+            "clip_range": self.clip_range > 0,
+            "kl_coef": self.kl_coef >= 0,
+            "epochs": self.epochs >= 1,
+            "updates_per_epoch": 1 <= self.updates_per_epoch <= self.group_size * self.prompts_per_iter,
+            "learning_rate": self.learning_rate > 0,
+            "max_grad_norm": self.max_grad_norm > 0,
+            "lora_rank": self.lora_rank >= 1,
+            "granularities": len(self.granularities) >= 1 and all(g >= 1 for g in self.granularities),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid grpo.{bad[0]} = {getattr(self, bad[0])!r}")
+        if any(not 0 <= s < self.num_steps for s in self.sde_steps):
+            raise ConfigError(f"grpo.sde_steps {self.sde_steps} must lie in [0, num_steps={self.num_steps})")
+        if self.g2rpo_steps is not None and not 1 <= self.g2rpo_steps < self.num_steps:
+            raise ConfigError(f"grpo.g2rpo_steps must be in [1, num_steps) , got {self.g2rpo_steps}")
+        for name, value, valid in (
+            ("std_scope", self.std_scope, ("global", "group")),
+            ("kl", self.kl, ("flow_grpo", "exact")),
+            ("ratio", self.ratio, ("standard", "guard")),
+            ("finetune", self.finetune, ("lora", "full")),
+            ("reward_aggregation", self.reward_aggregation, (None, "sum", "per_reward", "gdpo")),
+        ):
+            if value not in valid:
+                raise ConfigError(f"invalid grpo.{name} = {value!r}; valid: {', '.join(str(v) for v in valid)}")
+        if self.noise_level == 0:
+            raise ConfigError("grpo.noise_level must be > 0: GRPO needs stochastic steps")
+
+
+def trained_steps(cfg: GRPOConfig) -> list[int]:
+    """Flow-GRPO's trained step indices: the SDE steps, or the first int(T * fraction)."""
+    if cfg.sde_steps:
+        return sorted(set(cfg.sde_steps))
+    return list(range(max(1, int(cfg.num_steps * cfg.timestep_fraction))))
+
+
+def continuation_indices(k: int, stride: int, num_steps: int) -> list[int]:
+    """G2RPO's schedule after the SDE step k -> k+1: k+1, k+2, then every ``stride``-th index.
+
+    The last index is always ``num_steps`` (sigma = 0): when the stride skips it, the final jump
+    to 0 is the x0-prediction ``x - sigma v`` of the last evaluated point.
+    """
+    idx = [k + 1]
+    if k + 2 <= num_steps:
+        idx.append(k + 2)
+        while idx[-1] + stride <= num_steps:
+            idx.append(idx[-1] + stride)
+    if idx[-1] != num_steps:
+        idx.append(num_steps)
+    return idx
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = {}
+
+    def add(self, key: str, start: float) -> None:
+        self.t[key] = self.t.get(key, 0.0) + time.perf_counter() - start
+
+
+class GRPO:
+    """Flow-GRPO (``algo="flow-grpo"``) or G2RPO (``algo="g2rpo"``) on a ``TextToImageEnv``.
+
+    ``iterate()`` = collect (sample + reward + advantages) then update; it returns log metrics.
+    ``global_step`` counts scored images (P*G per Flow-GRPO iteration, P*G*M*L for G2RPO's
+    branches x granularities; evaluation images are extra).
+    """
+
+    def __init__(self, policy: FlowImagePolicy, env: Any, cfg: GRPOConfig, *, algo: str = "flow-grpo", seed: int = 0, total_images: int = 1) -> None:
+        if algo not in ALGOS:
+            raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(ALGOS)}")
+        self.policy, self.env, self.cfg, self.algo = policy, env, cfg, algo
+        g2 = algo == "g2rpo"
+        self.ddof = cfg.std_ddof if cfg.std_ddof is not None else (1 if g2 else 0)
+        self.eps = cfg.adv_eps if cfg.adv_eps is not None else (1e-8 if g2 else 1e-4)
+        self.aggregation = cfg.reward_aggregation or ("per_reward" if g2 else "sum")
+        self.m_steps = cfg.g2rpo_steps if cfg.g2rpo_steps is not None else max(1, cfg.num_steps // 2)
+        self.device = env.device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        if cfg.kl_coef > 0:
+            policy.keep_reference()
+        params = policy.trainable_parameters()
+        if not params:
+            raise ConfigError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        self.sigmas = env.sigmas(cfg.num_steps)
+        self.images_per_iter = cfg.prompts_per_iter * cfg.group_size  # scored images per iteration
+        if g2:
+            self.images_per_iter *= self.m_steps * len(cfg.granularities)
+        self.n_iterations = max(1, -(-total_images // self.images_per_iter))
+        self.iteration = 0
+        self.global_step = 0
+
+    # ------------------------------------------------------------------ sampling helpers
+    def _prompts(self) -> list[str]:
+        n, pool = self.cfg.prompts_per_iter, self.env.prompts
+        if n <= len(pool):
+            idx = torch.randperm(len(pool), generator=self.generator)[:n]
+        else:
+            idx = torch.randint(len(pool), (n,), generator=self.generator)
+        return [pool[i] for i in idx.tolist()]
+
+    def _step(self, x: Tensor, i: int, cond: Conditioning, eta: float, **kw: Any) -> SDEStep:
+        s = self.sigmas
+        return self.policy.step(x, s[i].expand(x.shape[0]), s[i + 1].expand(x.shape[0]), cond, noise_level=eta, sigma_guard=s[1], **kw)
+
+    def _ode(self, x: Tensor, cond: Conditioning, indices: list[int]) -> Tensor:
+        """Deterministic Euler steps along ``indices`` of the sigma schedule (the last may jump)."""
+        s = self.sigmas
+        for a, b in zip(indices[:-1], indices[1:]):
+            v = self.policy.velocity(x, s[a].expand(x.shape[0]), cond)
+            x = x + (s[b] - s[a]) * v
+        return x
+
+    def _log_ratio(self, new: SDEStep, old_lp: Tensor, old_mean: Tensor) -> Tensor:
+        if self.cfg.ratio == "guard":
+            return guard_log_ratio(new, old_mean, old_lp)
+        return new.log_prob - old_lp
+
+    def _kl(self, new: SDEStep, x: Tensor, i: int, cond: Conditioning, velocity_rows: int | None = None) -> Tensor:
+        s = self.sigmas
+        with torch.no_grad(), self.policy.reference():
+            ref = self._step(x, i, cond, self.cfg.noise_level)
+        if velocity_rows is not None:  # G2RPO: the reference mean is shared by a group's branches
+            ref_mean = ref.mean.repeat_interleave(velocity_rows, dim=0)
+        else:
+            ref_mean = ref.mean
+        dt = (s[i + 1] - s[i]).expand(new.mean.shape[0])
+        return kl_to_reference(new.mean, ref_mean, new.std, dt, self.cfg.kl)
+
+    def _finish(self, loss: Tensor) -> float:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite GRPO loss at iteration {self.iteration}")
+        gn = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.max_grad_norm)
+        if not torch.isfinite(gn):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}")
+        self.optimizer.step()
+        return float(gn)
+
+    # ------------------------------------------------------------------ Flow-GRPO
+    @torch.no_grad()
+    def collect_flow_grpo(self, timer: _Timer) -> dict[str, Any]:
+        """SDE-sample P*G images, store the trained steps' transitions, score, advantages."""
+        cfg, env, G = self.cfg, self.env, self.cfg.group_size
+        t0 = time.perf_counter()
+        prompts = self._prompts()
+        cond = Conditioning(*env.encode(prompts)).repeat_interleave(G)
+        if cfg.same_initial_noise:
+            x = env.initial_noise(len(prompts), self.generator).repeat_interleave(G, dim=0)
+        else:
+            x = env.initial_noise(len(prompts) * G, self.generator)
+        train = trained_steps(cfg)
+        stochastic = set(cfg.sde_steps) if cfg.sde_steps else set(range(cfg.num_steps))
+        xs, nexts, lps, means = [], [], [], []
+        for i in range(cfg.num_steps):
+            st = self._step(x, i, cond, cfg.noise_level if i in stochastic else 0.0, generator=self.generator)
+            if i in train:
+                xs.append(x)
+                nexts.append(st.x_next)
+                lps.append(st.log_prob)
+                means.append(st.mean)
+            x = st.x_next
+        timer.add("sample", t0)
+        t0 = time.perf_counter()
+        images = env.decode(x)
+        flat_prompts = [p for p in prompts for _ in range(G)]
+        scores = env.score(images, flat_prompts)
+        timer.add("reward", t0)
+        grouped = {k: v.to(self.device).reshape(len(prompts), G) for k, v in scores.items()}
+        adv = aggregate_advantages(grouped, env.rewards.weights, mode=self.aggregation, std_scope=cfg.std_scope, ddof=self.ddof, eps=self.eps)
+        adv = adv.reshape(-1).clamp(-cfg.adv_clip, cfg.adv_clip)
+        return {
+            "prompts": prompts, "cond": cond, "steps": train, "x": torch.stack(xs, 1), "x_next": torch.stack(nexts, 1),
+            "log_prob": torch.stack(lps, 1), "mean": torch.stack(means, 1), "advantages": adv, "scores": scores, "images": images,
+        }  # fmt: skip
+
+    def update_flow_grpo(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Clipped surrogate (+ KL) over the stored steps; gradients accumulate over steps."""
+        cfg = self.cfg
+        n = batch["advantages"].shape[0]
+        steps = batch["steps"]
+        stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "approx_kl": [], "kl_ref": [], "ratio_mean": [], "grad_norm": []}
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=self.generator) if cfg.updates_per_epoch > 1 else torch.arange(n)
+            for mb in order.chunk(cfg.updates_per_epoch):
+                self.optimizer.zero_grad(set_to_none=True)
+                cond, adv = batch["cond"].index(mb), batch["advantages"][mb]
+                total = torch.zeros(())
+                for j, i in enumerate(steps):
+                    x, x_next = batch["x"][mb, j], batch["x_next"][mb, j]
+                    new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
+                    log_ratio = self._log_ratio(new, batch["log_prob"][mb, j], batch["mean"][mb, j])
+                    loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_range)
+                    if cfg.kl_coef > 0:
+                        kl = self._kl(new, x, i, cond).mean()
+                        loss = loss + cfg.kl_coef * kl
+                        stats["kl_ref"].append(kl.item())
+                    (loss / len(steps)).backward()
+                    total = total + loss.detach() / len(steps)
+                    stats["clip_fraction"].append(float(st["clip_fraction"]))
+                    stats["approx_kl"].append(float(st["approx_kl"]))
+                    stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
+                stats["grad_norm"].append(self._finish(total))
+                stats["loss"].append(float(total))
+        return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
+
+    # ------------------------------------------------------------------ G2RPO
+    @torch.no_grad()
+    def collect_g2rpo(self, timer: _Timer) -> dict[str, Any]:
+        """Anchor ODE trajectory per prompt, G single-step SDE branches per optimised step k,
+        each continued deterministically under every granularity; rewards per (k, lambda)."""
+        cfg, env, G, T = self.cfg, self.env, self.cfg.group_size, self.cfg.num_steps
+        t0 = time.perf_counter()
+        prompts = self._prompts()
+        P = len(prompts)
+        cond_p = Conditioning(*env.encode(prompts))
+        cond = cond_p.repeat_interleave(G)
+        x = env.initial_noise(P, self.generator)
+        anchors = []
+        for k in range(self.m_steps):  # the anchor only needs to reach the last optimised step
+            anchors.append(x)
+            x = self._ode(x, cond_p, [k, k + 1])
+        branches, lps, means, finals = [], [], [], []
+        for k in range(self.m_steps):
+            xk = anchors[k]
+            s = self.sigmas
+            v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)  # one forward per prompt
+            st = sde_step(v, xk.repeat_interleave(G, dim=0), s[k], s[k + 1], cfg.noise_level, sigma_guard=s[1], generator=self.generator)
+            branches.append(st.x_next)
+            lps.append(st.log_prob)
+            means.append(st.mean)
+            finals.append([self._ode(st.x_next, cond, continuation_indices(k, lam, T)) for lam in cfg.granularities])
+        timer.add("sample", t0)
+        t0 = time.perf_counter()
+        L = len(cfg.granularities)
+        latents = torch.stack([torch.stack(f) for f in finals])  # (M, L, N, C, H, W)
+        images = env.decode(latents.reshape(-1, *latents.shape[3:]))
+        flat_prompts = [p for p in prompts for _ in range(G)] * (self.m_steps * L)
+        scores = env.score(images, flat_prompts)
+        timer.add("reward", t0)
+        grouped = {k: v.to(self.device).reshape(self.m_steps, L, P, G) for k, v in scores.items()}
+        inner = "per_reward" if self.aggregation == "gdpo" else self.aggregation
+        adv = aggregate_advantages(grouped, env.rewards.weights, mode=inner, std_scope="group", ddof=self.ddof, eps=self.eps).sum(dim=1)
+        if self.aggregation == "gdpo":
+            adv = (adv - adv.mean()) / (adv.std(correction=self.ddof) + self.eps)
+        adv = adv.reshape(self.m_steps, P * G).clamp(-cfg.adv_clip, cfg.adv_clip)
+        return {
+            "prompts": prompts, "cond_p": cond_p, "anchors": torch.stack(anchors), "x_next": torch.stack(branches),
+            "log_prob": torch.stack(lps), "mean": torch.stack(means), "advantages": adv, "scores": scores, "images": images,
+        }  # fmt: skip
+
+    def update_g2rpo(self, batch: dict[str, Any]) -> dict[str, float]:
+        """One optimiser step per optimised step k: only the step-k transition enters the ratio."""
+        cfg, G = self.cfg, self.cfg.group_size
+        s = self.sigmas
+        stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "approx_kl": [], "kl_ref": [], "ratio_mean": [], "grad_norm": []}
+        cond_p = batch["cond_p"]
+        for _ in range(cfg.epochs):
+            for k in range(self.m_steps):
+                self.optimizer.zero_grad(set_to_none=True)
+                xk = batch["anchors"][k]
+                P = xk.shape[0]
+                v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)
+                new = sde_step(v, xk.repeat_interleave(G, dim=0), s[k], s[k + 1], cfg.noise_level, x_next=batch["x_next"][k], sigma_guard=s[1])
+                log_ratio = self._log_ratio(new, batch["log_prob"][k], batch["mean"][k])
+                loss, st = clipped_surrogate(log_ratio, batch["advantages"][k], cfg.clip_range)
+                if cfg.kl_coef > 0:
+                    kl = self._kl(new, xk, k, cond_p, velocity_rows=G).mean()
+                    loss = loss + cfg.kl_coef * kl
+                    stats["kl_ref"].append(kl.item())
+                loss.backward()
+                stats["grad_norm"].append(self._finish(loss.detach()))
+                stats["loss"].append(float(loss))
+                stats["clip_fraction"].append(float(st["clip_fraction"]))
+                stats["approx_kl"].append(float(st["approx_kl"]))
+                stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
+        return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
+
+    # ------------------------------------------------------------------ the loop body
+    def iterate(self) -> dict[str, float]:
+        """One iteration: collect, update; returns metrics (rewards, losses, timings)."""
+        timer = _Timer()
+        start = time.perf_counter()
+        self.policy.eval()
+        batch = self.collect_g2rpo(timer) if self.algo == "g2rpo" else self.collect_flow_grpo(timer)
+        t0 = time.perf_counter()
+        self.policy.train()
+        stats = self.update_g2rpo(batch) if self.algo == "g2rpo" else self.update_flow_grpo(batch)
+        timer.add("train", t0)
+        self.iteration += 1
+        self.global_step += self.images_per_iter
+        total = self.env.rewards.total(batch["scores"])
+        metrics: dict[str, float] = {f"reward/{k}": float(v.mean()) for k, v in batch["scores"].items()}
+        metrics["reward/total"] = float(total.mean())
+        metrics["reward/total_std"] = float(total.std())
+        metrics.update(stats)
+        elapsed = time.perf_counter() - start
+        metrics.update({f"time/{k}_s": v for k, v in timer.t.items()})
+        metrics["time/images_per_s"] = self.images_per_iter / elapsed
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation and state
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], num_steps: int | None = None) -> Tensor:
+        """Deterministic (ODE) images for every (prompt, seed) pair, prompt-major: (len*len, C, H, W)."""
+        steps = num_steps or self.cfg.eval_num_steps or self.env.defaults.num_inference_steps
+        sig = self.env.sigmas(steps)
+        cond = Conditioning(*self.env.encode([p for p in prompts for _ in seeds]))
+        x = torch.cat([self.env.initial_noise(1, torch.Generator(device=self.device).manual_seed(s)) for _ in prompts for s in seeds])
+        was = self.policy.training
+        self.policy.eval()
+        for i in range(steps):
+            v = self.policy.velocity(x, sig[i].expand(x.shape[0]), cond)
+            x = x + (sig[i + 1] - sig[i]) * v
+        self.policy.train(was)
+        return self.env.decode(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.policy.adapter_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "iteration": self.iteration,
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_adapter_state_dict(state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.iteration = int(state["iteration"])
+        self.global_step = int(state["global_step"])

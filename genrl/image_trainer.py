@@ -1,0 +1,237 @@
+"""Text-to-image fine-tuning runs: build -> (resume) -> iterate -> log -> grids -> checkpoint -> export.
+
+The same run folder as control runs (``config.json``, ``progress.csv``, ``tb/``, ``curves.png``,
+``checkpoints/<step>/``) plus ``images/grid-<step>.png`` (fixed prompts x fixed seeds, ODE
+sampling) and ``final/``: the LoRA as ``pytorch_lora_weights.safetensors`` (load with
+``StableDiffusion3Pipeline.from_pretrained(base).load_lora_weights(final)``), or for full
+fine-tuning the whole pipeline (``StableDiffusion3Pipeline.from_pretrained(final)``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from genrl.algos.grpo import GRPO
+from genrl.checkpoint import checkpoint_steps, latest_checkpoint
+from genrl.config import ImageTrainConfig
+from genrl.errors import CheckpointError, ConfigError, NonFiniteLossError
+from genrl.logger import Logger
+from genrl.plot import plot_runs
+
+FORMAT_VERSION = 1
+_FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json")
+
+
+def build_image(cfg: ImageTrainConfig) -> GRPO:
+    """Seed, load the pipeline and rewards, wrap the transformer as a policy, build the algorithm."""
+    from envs.t2i import TextToImageEnv
+    from genrl.trainer import seed_everything
+    from policies.t2i import FlowImagePolicy, LoraSpec
+
+    seed_everything(cfg.run.seed)
+    g = cfg.grpo
+    env = TextToImageEnv(
+        cfg.model, prompts=cfg.prompts, rewards=cfg.reward, resolution=g.resolution,
+        guidance_scale=g.guidance_scale, device=cfg.run.device,
+    )  # fmt: skip
+    policy = FlowImagePolicy(
+        env.transformer, guidance_scale=env.guidance_scale, finetune=g.finetune,
+        lora=LoraSpec(rank=g.lora_rank, alpha=g.lora_alpha), noise_level=g.noise_level,
+    )  # fmt: skip
+    return GRPO(policy, env, g, algo=cfg.algo, seed=cfg.run.seed, total_images=cfg.run.total_steps)
+
+
+def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
+    """Atomic checkpoint ``checkpoints/<step>/`` (temp folder + rename; no pickle)."""
+    st = algo.state_dict()
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{algo.global_step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in st["adapter"].items()}, str(tmp / "adapter.safetensors"))
+        save_file({"generator": st["generator"], "torch_global": torch.get_rng_state()}, str(tmp / "trainer.safetensors"))
+        torch.save(st["optimizer"], tmp / "optimizer.pt")
+        state = {"format_version": FORMAT_VERSION, "kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune,
+                 "iteration": st["iteration"], "global_step": st["global_step"]}  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(state))
+        final = root / str(algo.global_step)
+        if final.exists():
+            old = root / f".old-{algo.global_step}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
+    missing = [f for f in _FILES if not (ckpt / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{ckpt} is not a complete text-to-image checkpoint (missing {', '.join(missing)})")
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupt {ckpt / 'state.json'}: {exc}") from None
+    if state.get("format_version") != FORMAT_VERSION or state.get("kind") != "t2i":
+        raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint of format {FORMAT_VERSION}")
+    if state.get("algo") != cfg.algo or state.get("finetune") != cfg.grpo.finetune:
+        raise CheckpointError(f"{ckpt} holds a {state.get('algo')}/{state.get('finetune')} run, the config says {cfg.algo}/{cfg.grpo.finetune}")
+    try:
+        adapter = load_file(str(ckpt / "adapter.safetensors"))
+        trainer = load_file(str(ckpt / "trainer.safetensors"))
+    except Exception as exc:  # safetensors' own error types
+        raise CheckpointError(f"corrupt tensors in {ckpt}: {exc}") from None
+    try:
+        optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+    except Exception as exc:  # a pickled payload with globals is refused here
+        raise CheckpointError(f"refusing or unable to load {ckpt / 'optimizer.pt'}: {str(exc).splitlines()[0]}") from None
+    try:
+        algo.load_state_dict({"adapter": adapter, "optimizer": optimizer, "generator": trainer["generator"],
+                              "iteration": state["iteration"], "global_step": state["global_step"]})  # fmt: skip
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt} does not match this run: {str(exc).splitlines()[0]}") from None
+    torch.set_rng_state(trainer["torch_global"])
+
+
+def export_model(algo: GRPO, cfg: ImageTrainConfig, out: Path) -> Path:
+    """Write the fine-tuned model so that diffusers loads it (LoRA file, or the full pipeline)."""
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = algo.env.pipe
+    if cfg.grpo.finetune == "lora":
+        meta = algo.policy.transformer.peft_config["default"].to_dict()  # rank, alpha, targets: loads at the trained scale
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+        type(pipe).save_lora_weights(
+            str(out), transformer_lora_layers=algo.policy.adapter_state_dict(), safe_serialization=True, transformer_lora_adapter_metadata=meta
+        )
+        base = str(algo.env.model_dir) if algo.env.model_dir is not None else None
+        (out / "genrl_model.json").write_text(json.dumps({"base_model": base, "lora": "pytorch_lora_weights.safetensors"}, indent=2))
+    else:
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        if algo.env.model_dir is not None and (algo.env.model_dir / "genrl_t2i.json").is_file():
+            shutil.copy(algo.env.model_dir / "genrl_t2i.json", out / "genrl_t2i.json")
+    return out
+
+
+def save_grid(images: torch.Tensor, rows: int, path: Path, min_size: int = 64) -> Path:
+    """A PNG grid of (rows * cols, C, H, W) images in [0, 1], upscaled (nearest) to >= min_size px."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = n // rows
+    scale = max(1, -(-min_size // h))
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    arr = arr.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    pad = 2
+    H, W = h * scale + pad, w * scale + pad
+    canvas = torch.full((c, rows * H + pad, cols * W + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        canvas[:, pad + r * H : pad + r * H + h * scale, pad + col * W : pad + col * W + w * scale] = arr[i]
+    img = canvas.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img[..., 0] if c == 1 else img).save(path)
+    return path
+
+
+def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -> dict[str, float]:
+    """ODE images for the first (up to 10) prompts x ``run.eval_episodes`` fixed seeds: grid + rewards."""
+    prompts = algo.env.prompts[:10]
+    seeds = list(range(cfg.run.eval_episodes))
+    images = algo.generate(prompts, seeds)
+    save_grid(images, len(prompts), run_dir / "images" / f"grid-{step}.png")
+    scores = algo.env.score(images, [p for p in prompts for _ in seeds])
+    out = {f"eval/reward_{k}": float(v.mean()) for k, v in scores.items()}
+    out["eval/reward_total"] = float(algo.env.rewards.total(scores).mean())
+    return out
+
+
+def _crossed(prev: int, now: int, every: int) -> bool:
+    return every > 0 and now // every > prev // every
+
+
+def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
+    """Train (or resume) a text-to-image run and return its folder."""
+    if resume is not None:
+        from genrl.trainer import load_run_config
+
+        run_dir = Path(resume)
+        loaded = load_run_config(run_dir)
+        if not isinstance(loaded, ImageTrainConfig):
+            raise CheckpointError(f"{run_dir} is not a text-to-image run")
+        cfg = loaded
+        ckpt: Path | None = latest_checkpoint(run_dir)
+    else:
+        if cfg is None:
+            raise ConfigError("train_image() needs a config or resume=")
+        run_dir = Path(cfg.run.out)
+        if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+        ckpt = None
+    torch.set_num_threads(cfg.run.torch_threads)
+    algo = build_image(cfg)  # validates model, prompts and rewards before the run folder is touched
+    if ckpt is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+    else:
+        restore_image_state(algo, cfg, ckpt)
+    total = algo.n_iterations * algo.images_per_iter
+    logger = Logger(run_dir, total, resume_step=algo.global_step if ckpt is not None else None, progress=cfg.run.progress)
+    if ckpt is None:
+        logger.hparams(cfg.to_dict())
+        logger.log(evaluate_grid(algo, cfg, run_dir, 0), 0)  # the "before" grid and rewards
+    else:
+        logger.message(f"resuming {run_dir} from image {algo.global_step}")
+    try:
+        while algo.iteration < algo.n_iterations:
+            prev = algo.global_step
+            try:
+                metrics = algo.iterate()
+            except NonFiniteLossError as exc:
+                last = checkpoint_steps(run_dir)
+                kept = f"; last good checkpoint: step {last[-1]}" if last else "; no checkpoint was written yet"
+                raise NonFiniteLossError(f"{exc}{kept}") from None
+            step = algo.global_step
+            final = algo.iteration == algo.n_iterations
+            if final or _crossed(prev, step, cfg.run.eval_every):
+                metrics.update(evaluate_grid(algo, cfg, run_dir, step))
+            logger.log(metrics, step)
+            if final or _crossed(prev, step, cfg.run.save_every):
+                save_image_state(algo, cfg, run_dir)
+    finally:
+        logger.close()
+    export_model(algo, cfg, run_dir / "final")
+    plot_runs([run_dir], run_dir / "curves.png")
+    return run_dir
+
+
+def load_finetuned(run_or_final: str | Path, base_model: str | Path | None = None) -> Any:
+    """The fine-tuned diffusers pipeline of a run (``<run>`` or its ``final/``), loaded offline."""
+    from envs.t2i import load_pipeline
+
+    final = Path(run_or_final)
+    if (final / "final").is_dir():
+        final = final / "final"
+    if (final / "model_index.json").is_file():
+        return load_pipeline(final)
+    meta_path = final / "genrl_model.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{final} holds no exported model (no model_index.json or genrl_model.json)")
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    base = base_model or meta.get("base_model")
+    if base is None:
+        raise CheckpointError(f"{final}: the base model is unknown; pass base_model=")
+    pipe = load_pipeline(base)
+    pipe.load_lora_weights(str(final))
+    return pipe
