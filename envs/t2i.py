@@ -209,7 +209,8 @@ class TextToImageEnv:
         return sched.sigmas.to(self.device, torch.float32).clone()
 
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return torch.randn((n, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
+        """Initial latents (float32 whatever the model's dtype: the SDE log-probs need the precision)."""
+        return torch.randn((n, *self.latent_shape), generator=generator, device=self.device, dtype=torch.float32)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -134,12 +134,17 @@ class ImageTrainConfig:
     reward: str = "digit"
     """Reward spec: "digit", "digit=1,jpeg_compressibility=0.1", "clip:DIR", "module:fn" ..."""
     algo: str = "flow-grpo"
+    dtype: str = "float32"
+    """Model weights' dtype: "float32", or "bfloat16" / "float16" for large models on a GPU
+    (latents, SDE log-probs and LoRA weights stay float32)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(total_steps=2048, out="runs/t2i", eval_episodes=4))
 
     def __post_init__(self) -> None:
         if self.env != "t2i":
             raise ConfigError(f"ImageTrainConfig.env must be 't2i', got {self.env!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"invalid dtype {self.dtype!r}; valid: float32, bfloat16, float16")
         if self.algo not in IMAGE_ALGOS:
             raise ConfigError(f"unknown algo '{self.algo}' for --env t2i; valid choices: {', '.join(IMAGE_ALGOS)}")
 

@@ -39,7 +39,7 @@ def build_image(cfg: ImageTrainConfig) -> GRPO:
     g = cfg.grpo
     env = TextToImageEnv(
         cfg.model, prompts=cfg.prompts, rewards=cfg.reward, resolution=g.resolution,
-        guidance_scale=g.guidance_scale, device=cfg.run.device,
+        guidance_scale=g.guidance_scale, device=cfg.run.device, dtype=getattr(torch, cfg.dtype),
     )  # fmt: skip
     policy = FlowImagePolicy(
         env.transformer, guidance_scale=env.guidance_scale, finetune=g.finetune,

@@ -197,6 +197,9 @@ class FlowImagePolicy(nn.Module):
                 raise ValueError(f"none of the LoRA target modules {spec.target_modules} exist in {type(transformer).__name__}")
             cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, init_lora_weights=spec.init, target_modules=targets)
             transformer.add_adapter(cfg)  # diffusers' peft integration: only lora_* parameters require grad
+            for name, p in transformer.named_parameters():  # adapters train in float32 even on a bf16/fp16 model
+                if "lora_" in name and p.dtype != torch.float32:
+                    p.data = p.data.float()
 
     @property
     def in_channels(self) -> int:
@@ -209,19 +212,20 @@ class FlowImagePolicy(nn.Module):
         """The (guided) velocity at ``x`` (B,C,H,W) and ``sigma`` (B,); one batched forward with CFG."""
         g = self.guidance_scale
         t = sigma * 1000.0  # diffusers' timestep = sigma * num_train_timesteps
+        dtype = self.transformer.dtype  # latents and SDE maths stay float32; the model may run in bf16/fp16
         if g == 1.0:
             return self.transformer(
-                hidden_states=x, timestep=t, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled, return_dict=False
-            )[0]
+                hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled, return_dict=False
+            )[0].to(x.dtype)
         if cond.negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 needs negative prompt embeddings in the conditioning")
         out = self.transformer(
-            hidden_states=torch.cat([x, x]),
+            hidden_states=torch.cat([x, x]).to(dtype),
             timestep=torch.cat([t, t]),
             encoder_hidden_states=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]),
             pooled_projections=torch.cat([cond.negative_pooled, cond.pooled]),
             return_dict=False,
-        )[0]
+        )[0].to(x.dtype)
         uncond, text = out.chunk(2)
         return uncond + g * (text - uncond)
 

@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="Flow-GRPO prompts per iteration")
     p.add_argument("--prompts-g2rpo", type=int, default=2, dest="prompts_g2rpo", help="G2RPO prompts per iteration")
     p.add_argument("--lora-rank", type=int, default=8, dest="lora_rank")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="bench_out/t2i")
     p.add_argument("--assets", default=None, help="copy the plot, table and seed-1 grids here (e.g. assets)")

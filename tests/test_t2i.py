@@ -321,3 +321,14 @@ def test_digits_model_loads_through_the_model_id() -> None:
     env = TextToImageEnv("digits", rewards="digit")
     assert env.prompts and env.latent_shape == (1, 8, 8)
     assert env.max_sequence_length == 0
+
+
+def test_half_precision_model_keeps_float32_latents_and_adapters(model_dir: Path) -> None:
+    env = TextToImageEnv(model_dir, rewards="brightness", dtype=torch.bfloat16)
+    policy = FlowImagePolicy(env.transformer, lora=LoraSpec(rank=2, alpha=4))
+    assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
+    assert env.transformer.dtype == torch.bfloat16
+    algo = GRPO(policy, env, GRPOConfig(num_steps=3, group_size=2, prompts_per_iter=2), seed=0)
+    m = algo.iterate()
+    assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
+    assert env.initial_noise(1).dtype == torch.float32
