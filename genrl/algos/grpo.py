@@ -376,7 +376,7 @@ class GRPO:
                     stats["kl_ref"].append(kl.item())
                 loss.backward()
                 stats["grad_norm"].append(self._finish(loss.detach()))
-                stats["loss"].append(float(loss))
+                stats["loss"].append(loss.item())
                 stats["clip_fraction"].append(float(st["clip_fraction"]))
                 stats["approx_kl"].append(float(st["approx_kl"]))
                 stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
