@@ -3,9 +3,11 @@
 An episode is one image: the observation is a prompt's conditioning, the actions are the
 denoising steps (taken by the policy), and the reward comes once, on the decoded image. This
 module owns everything except the transformer's steps: loading the pipeline from a local folder
-(``StableDiffusion3Pipeline`` and its SD3.5 checkpoints; ``--model digits`` is the small model
-shipped in ``assets/digits-sd3``), prompt sets, ``encode_prompt`` (cached per prompt), the
-sigma schedule, initial noise, VAE decoding and the reward registry (``envs.rewards``).
+(``StableDiffusion3Pipeline`` with its SD3 / SD3.5 checkpoints, ``FluxPipeline`` with FLUX.1;
+``--model digits`` is the small SD3-architecture model shipped in ``assets/digits-sd3``), prompt
+sets, ``encode_prompt`` (cached per prompt), the sigma schedule (Flux's resolution-dependent
+shift included), initial noise, VAE decoding and the reward registry (``envs.rewards``).
+Latents are always (B, C, H, W); Flux's 2x2 packing is the policy's business.
 
 diffusers / transformers are imported lazily: ``import envs`` stays light for control users.
 """
@@ -27,7 +29,7 @@ from envs.rewards import RewardSet
 #: ``--model digits``: the SD3-architecture digits model built by scripts/pretrain_digits.py
 DIGITS_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "digits-sd3"
 SIDECAR = "genrl_t2i.json"
-SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
 
 @dataclass(frozen=True)
@@ -164,11 +166,19 @@ class TextToImageEnv:
         res = int(defaults.resolution if resolution is None else resolution)
         vae = self.pipe.vae
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
-        patch = int(getattr(self.pipe.transformer.config, "patch_size", 1))
+        self.flux = type(self.pipe).__name__.startswith("Flux")
+        tcfg = self.pipe.transformer.config
+        if self.flux and vae is None:
+            raise EnvError("a Flux pipeline needs its VAE")
+        # Flux packs 2x2 latent patches into tokens; SD3 patchifies inside the transformer
+        patch = 2 if self.flux else int(getattr(tcfg, "patch_size", 1))
         if res % (self.vae_scale * patch):
             raise EnvError(f"resolution {res} must be a multiple of {self.vae_scale * patch} for this model")
         self.resolution = res
-        self.latent_shape = (int(self.pipe.transformer.config.in_channels), res // self.vae_scale, res // self.vae_scale)
+        channels = int(tcfg.in_channels) // 4 if self.flux else int(tcfg.in_channels)
+        self.latent_shape = (channels, res // self.vae_scale, res // self.vae_scale)
+        # Flux-dev distils guidance into an embedding: no negative prompts, no doubled batch
+        self.true_cfg = self.guidance_scale > 1.0 and not (self.flux and getattr(tcfg, "guidance_embeds", False))
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
             module = getattr(self.pipe, name, None)
             if module is not None:
@@ -188,14 +198,19 @@ class TextToImageEnv:
         embedding never depends on which prompts shared its batch: runs resume bitwise. The
         negatives (empty prompt) are only returned when ``guidance_scale > 1``.
         """
-        cfg = self.guidance_scale > 1.0
+        cfg = self.true_cfg
         for p in dict.fromkeys(prompts):
-            if p not in self._cache:
+            if p in self._cache:
+                continue
+            if self.flux:
+                pe, pp, _ = self.pipe.encode_prompt(prompt=[p], prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
+                npe, npp = self.pipe.encode_prompt(prompt=[""], prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)[:2] if cfg else (None, None)
+            else:
                 pe, npe, pp, npp = self.pipe.encode_prompt(
                     prompt=[p], prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
                     do_classifier_free_guidance=cfg, max_sequence_length=self.max_sequence_length,
                 )  # fmt: skip
-                self._cache[p] = (pe[0], pp[0], npe[0] if cfg else None, npp[0] if cfg else None)
+            self._cache[p] = (pe[0], pp[0], npe[0] if cfg else None, npp[0] if cfg else None)
         rows = [self._cache[p] for p in prompts]
         stack = [torch.stack([r[j] for r in rows]).to(self.dtype) if rows[0][j] is not None else None for j in range(4)]
         return stack[0], stack[1], stack[2], stack[3]  # type: ignore[return-value]
@@ -205,7 +220,16 @@ class TextToImageEnv:
         if num_steps < 1:
             raise EnvError(f"num_steps must be >= 1, got {num_steps}")
         sched = self.pipe.scheduler
-        sched.set_timesteps(num_steps, device=self.device)
+        if getattr(sched.config, "use_dynamic_shifting", False):  # Flux: the shift depends on the token count
+            import numpy as np
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            c = sched.config
+            tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
+            mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps).tolist(), mu=mu, device=self.device)
+        else:
+            sched.set_timesteps(num_steps, device=self.device)
         return sched.sigmas.to(self.device, torch.float32).clone()
 
     def initial_noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:

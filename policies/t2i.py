@@ -12,8 +12,9 @@ Flow-GRPO turns each step into a Gaussian transition with the same marginals:
 
 and ``log pi(x' | x)`` is the Gaussian log-density **averaged** over the latent elements
 (``sde_step``). The policy here wraps a diffusers transformer (SD3-style call signature),
-applies classifier-free guidance, adds LoRA adapters through peft and exposes the frozen
-reference (the adapters disabled) for the KL term.
+or a FLUX.1 transformer (2x2-packed tokens, distilled guidance), applies classifier-free
+guidance, adds LoRA adapters through peft and exposes the frozen reference (the adapters
+disabled) for the KL term.
 
 Shapes: B batch, C/H/W latent channels and size, L context tokens, D embedding width, T steps.
 """
@@ -211,6 +212,8 @@ class FlowImagePolicy(nn.Module):
     def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """The (guided) velocity at ``x`` (B,C,H,W) and ``sigma`` (B,); one batched forward with CFG."""
         g = self.guidance_scale
+        if self.is_flux:
+            return self._flux_velocity(x, sigma, cond)
         t = sigma * 1000.0  # diffusers' timestep = sigma * num_train_timesteps
         dtype = self.transformer.dtype  # latents and SDE maths stay float32; the model may run in bf16/fp16
         if g == 1.0:
@@ -228,6 +231,41 @@ class FlowImagePolicy(nn.Module):
         )[0].to(x.dtype)
         uncond, text = out.chunk(2)
         return uncond + g * (text - uncond)
+
+    @property
+    def is_flux(self) -> bool:
+        return hasattr(self.transformer.config, "axes_dims_rope")
+
+    def _flux_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
+        """FLUX.1: 2x2-packed latent tokens with positional ids, timestep = sigma, and either the
+        distilled guidance embedding (``guidance_embeds``) or true CFG with negative prompts."""
+        b, c, h, w = x.shape
+        dtype = self.transformer.dtype
+        tokens = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x.device)
+        img_ids[..., 1] += torch.arange(h // 2, device=x.device)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x.device)[None, :]
+        img_ids = img_ids.reshape(-1, 3).to(dtype)
+        txt_ids = torch.zeros(cond.prompt_embeds.shape[1], 3, device=x.device, dtype=dtype)
+        distilled = bool(getattr(self.transformer.config, "guidance_embeds", False))
+        true_cfg = self.guidance_scale > 1.0 and not distilled
+        if true_cfg and cond.negative_prompt_embeds is None:
+            raise ValueError("guidance_scale > 1 needs negative prompt embeddings in the conditioning")
+        n = 2 if true_cfg else 1
+        out = self.transformer(
+            hidden_states=tokens.repeat(n, 1, 1).to(dtype),
+            timestep=sigma.repeat(n).to(dtype),
+            guidance=torch.full((b * n,), self.guidance_scale, device=x.device, dtype=torch.float32) if distilled else None,
+            pooled_projections=torch.cat([cond.negative_pooled, cond.pooled]) if true_cfg else cond.pooled,
+            encoder_hidden_states=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if true_cfg else cond.prompt_embeds,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0].to(x.dtype)
+        if true_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + self.guidance_scale * (text - uncond)
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def step(
         self,
