@@ -72,18 +72,22 @@ def save_checkpoint(
         shapes = {k: list(np.shape(v)) for k, v in env_state["arrays"].items()}
         meta = dict(state, format_version=FORMAT_VERSION, env_meta=env_state["meta"], env_shapes=shapes)
         (tmp / "state.json").write_text(json.dumps(meta))
-        final = root / str(step)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
-            old = root / f".old-{step}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        return final
+        return publish_dir(tmp, root / str(step))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Atomically move a fully written ``tmp`` folder to ``final`` (swapping out an older one)."""
+    if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

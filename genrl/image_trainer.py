@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from genrl.algos.grpo import GRPO
-from genrl.checkpoint import checkpoint_steps, latest_checkpoint
+from genrl.checkpoint import checkpoint_steps, latest_checkpoint, publish_dir
 from genrl.config import ImageTrainConfig
-from genrl.errors import CheckpointError, ConfigError, NonFiniteLossError
+from genrl.errors import CheckpointError, ConfigError
 from genrl.logger import Logger
 from genrl.plot import plot_runs
 
@@ -63,15 +63,7 @@ def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
         state = {"format_version": FORMAT_VERSION, "kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune,
                  "iteration": st["iteration"], "global_step": st["global_step"]}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state))
-        final = root / str(algo.global_step)
-        if final.exists():
-            old = root / f".old-{algo.global_step}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        return final
+        return publish_dir(tmp, root / str(algo.global_step))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -157,10 +149,6 @@ def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -
     return out
 
 
-def _crossed(prev: int, now: int, every: int) -> bool:
-    return every > 0 and now // every > prev // every
-
-
 def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Train (or resume) a text-to-image run and return its folder."""
     if resume is not None:
@@ -179,6 +167,8 @@ def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | Non
         if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
         ckpt = None
+    from genrl.trainer import _crossed, guarded_iterate
+
     torch.set_num_threads(cfg.run.torch_threads)
     algo = build_image(cfg)  # validates model, prompts and rewards before the run folder is touched
     if ckpt is None:
@@ -196,12 +186,7 @@ def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | Non
     try:
         while algo.iteration < algo.n_iterations:
             prev = algo.global_step
-            try:
-                metrics = algo.iterate()
-            except NonFiniteLossError as exc:
-                last = checkpoint_steps(run_dir)
-                kept = f"; last good checkpoint: step {last[-1]}" if last else "; no checkpoint was written yet"
-                raise NonFiniteLossError(f"{exc}{kept}") from None
+            metrics = guarded_iterate(algo, run_dir)
             step = algo.global_step
             final = algo.iteration == algo.n_iterations
             if final or _crossed(prev, step, cfg.run.eval_every):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from genrl.evaluate import evaluate
 from genrl.logger import Logger
 from genrl.plot import plot_runs
 from policies.base import PolicyLoadError, load_pretrained, resolve_family
+
+if TYPE_CHECKING:
+    from genrl.config import ImageTrainConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -147,7 +150,17 @@ def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
 
-def train(cfg: "TrainConfig | ImageTrainConfig | None" = None, *, resume: str | Path | None = None) -> Path:
+def guarded_iterate(algo: Any, run_dir: Path) -> dict[str, float]:
+    """``algo.iterate()``; a non-finite loss stops the run naming the last good checkpoint."""
+    try:
+        return algo.iterate()
+    except NonFiniteLossError as exc:
+        last = checkpoint_steps(run_dir)
+        kept = f"; last good checkpoint: step {last[-1]}" if last else "; no checkpoint was written yet"
+        raise NonFiniteLossError(f"{exc}{kept}") from None
+
+
+def train(cfg: TrainConfig | ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Train (or resume) a run and return its folder.
 
     Args:
@@ -191,12 +204,7 @@ def train(cfg: "TrainConfig | ImageTrainConfig | None" = None, *, resume: str | 
     try:
         while algo.iteration < algo.n_iterations:
             prev = algo.global_step
-            try:
-                metrics = algo.iterate()
-            except NonFiniteLossError as exc:
-                last = checkpoint_steps(run_dir)
-                kept = f"; last good checkpoint: step {last[-1]}" if last else "; no checkpoint was written yet"
-                raise NonFiniteLossError(f"{exc}{kept}") from None
+            metrics = guarded_iterate(algo, run_dir)
             step = algo.global_step
             final = algo.iteration == algo.n_iterations
             if final or _crossed(prev, step, cfg.run.eval_every):
