@@ -90,6 +90,33 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     return final
 
 
+def read_state_json(path: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint folder; CheckpointError if corrupt or not a mapping."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupt {path / 'state.json'}: {exc}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"corrupt {path / 'state.json'}: not a mapping")
+    return state
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; CheckpointError if corrupt."""
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise CheckpointError(f"corrupt {file}: {exc}") from None
+
+
+def read_optimizer(file: Path) -> dict[str, Any]:
+    """An optimizer state saved with torch.save, loaded with ``weights_only=True`` (no unpickling of globals)."""
+    try:
+        return torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as exc:  # a pickled payload with globals is refused here
+        raise CheckpointError(f"refusing or unable to load {file}: {str(exc).splitlines()[0]}") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder (policy excluded: use ``policies.load_pretrained(path/'policy')``).
 
@@ -100,28 +127,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [f for f in _FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path} is not a complete genrl checkpoint (missing {', '.join(missing)})")
-    try:
-        state = json.loads((path / "state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"corrupt {path / 'state.json'}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format {state.get('format_version') if isinstance(state, dict) else '?'}, "
-            f"this genrl reads {FORMAT_VERSION}"
-        )
-    tensors = {}
-    for name in ("trainer.safetensors", "env.safetensors"):
-        try:
-            tensors[name] = load_file(str(path / name))
-        except Exception as exc:  # safetensors raises its own error types on corrupt files
-            raise CheckpointError(f"corrupt {path / name}: {exc}") from None
-    trainer = tensors["trainer.safetensors"]
+    state = read_state_json(path)
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, this genrl reads {FORMAT_VERSION}")
+    trainer = read_tensors(path / "trainer.safetensors")
     shapes = state.pop("env_shapes", {})
-    env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in tensors["env.safetensors"].items()}
-    try:
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    except Exception as exc:  # a pickled payload with globals is refused here
-        raise CheckpointError(f"refusing or unable to load {path / 'optimizer.pt'}: {str(exc).splitlines()[0]}") from None
+    env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in read_tensors(path / "env.safetensors").items()}
+    optimizer = read_optimizer(path / "optimizer.pt")
     return {
         "trainer": trainer,
         "optimizer": optimizer,

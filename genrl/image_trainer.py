@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from genrl.algos.grpo import GRPO
-from genrl.checkpoint import checkpoint_steps, latest_checkpoint, publish_dir
+from genrl.checkpoint import publish_dir, read_optimizer, read_state_json, read_tensors
 from genrl.config import ImageTrainConfig
-from genrl.errors import CheckpointError, ConfigError
+from genrl.errors import CheckpointError
 from genrl.logger import Logger
 from genrl.plot import plot_runs
 
@@ -61,7 +61,7 @@ def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
         save_file({"generator": st["generator"], "torch_global": torch.get_rng_state()}, str(tmp / "trainer.safetensors"))
         torch.save(st["optimizer"], tmp / "optimizer.pt")
         state = {"format_version": FORMAT_VERSION, "kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune,
-                 "iteration": st["iteration"], "global_step": st["global_step"]}  # fmt: skip
+                 "iteration": st["iteration"], "global_step": algo.global_step}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state))
         return publish_dir(tmp, root / str(algo.global_step))
     finally:
@@ -72,26 +72,16 @@ def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
     missing = [f for f in _FILES if not (ckpt / f).is_file()]
     if missing:
         raise CheckpointError(f"{ckpt} is not a complete text-to-image checkpoint (missing {', '.join(missing)})")
-    try:
-        state = json.loads((ckpt / "state.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"corrupt {ckpt / 'state.json'}: {exc}") from None
+    state = read_state_json(ckpt)
     if state.get("format_version") != FORMAT_VERSION or state.get("kind") != "t2i":
         raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint of format {FORMAT_VERSION}")
     if state.get("algo") != cfg.algo or state.get("finetune") != cfg.grpo.finetune:
         raise CheckpointError(f"{ckpt} holds a {state.get('algo')}/{state.get('finetune')} run, the config says {cfg.algo}/{cfg.grpo.finetune}")
+    adapter = read_tensors(ckpt / "adapter.safetensors")
+    trainer = read_tensors(ckpt / "trainer.safetensors")
+    optimizer = read_optimizer(ckpt / "optimizer.pt")
     try:
-        adapter = load_file(str(ckpt / "adapter.safetensors"))
-        trainer = load_file(str(ckpt / "trainer.safetensors"))
-    except Exception as exc:  # safetensors' own error types
-        raise CheckpointError(f"corrupt tensors in {ckpt}: {exc}") from None
-    try:
-        optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-    except Exception as exc:  # a pickled payload with globals is refused here
-        raise CheckpointError(f"refusing or unable to load {ckpt / 'optimizer.pt'}: {str(exc).splitlines()[0]}") from None
-    try:
-        algo.load_state_dict({"adapter": adapter, "optimizer": optimizer, "generator": trainer["generator"],
-                              "iteration": state["iteration"], "global_step": state["global_step"]})  # fmt: skip
+        algo.load_state_dict({"adapter": adapter, "optimizer": optimizer, "generator": trainer["generator"], "iteration": state["iteration"]})
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt} does not match this run: {str(exc).splitlines()[0]}") from None
     torch.set_rng_state(trainer["torch_global"])
@@ -151,22 +141,16 @@ def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -
 
 def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Train (or resume) a text-to-image run and return its folder."""
-    if resume is not None:
-        from genrl.trainer import load_run_config
+    from genrl.trainer import open_run
 
-        run_dir = Path(resume)
-        loaded = load_run_config(run_dir)
-        if not isinstance(loaded, ImageTrainConfig):
-            raise CheckpointError(f"{run_dir} is not a text-to-image run")
-        cfg = loaded
-        ckpt: Path | None = latest_checkpoint(run_dir)
-    else:
-        if cfg is None:
-            raise ConfigError("train_image() needs a config or resume=")
-        run_dir = Path(cfg.run.out)
-        if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-        ckpt = None
+    opened, run_dir, ckpt = open_run(cfg, resume)
+    if not isinstance(opened, ImageTrainConfig):
+        raise CheckpointError(f"{run_dir} is not a text-to-image run")
+    return run_image(opened, run_dir, ckpt)
+
+
+def run_image(cfg: ImageTrainConfig, run_dir: Path, ckpt: Path | None) -> Path:
+    """The run loop for an opened run folder (``ckpt`` None: a fresh run)."""
     from genrl.trainer import _crossed, guarded_iterate
 
     torch.set_num_threads(cfg.run.torch_threads)

@@ -150,6 +150,20 @@ def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
 
+def open_run(cfg: Any, resume: str | Path | None) -> tuple[Any, Path, Path | None]:
+    """``(config, run folder, checkpoint to resume or None)``: a resumed run's own config, or a
+    fresh run whose folder must not already hold one."""
+    if resume is not None:
+        run_dir = Path(resume)
+        return load_run_config(run_dir), run_dir, latest_checkpoint(run_dir)
+    if cfg is None:
+        raise ConfigError("train() needs a config or resume=")
+    run_dir = Path(cfg.run.out)
+    if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    return cfg, run_dir, None
+
+
 def guarded_iterate(algo: Any, run_dir: Path) -> dict[str, float]:
     """``algo.iterate()``; a non-finite loss stops the run naming the last good checkpoint."""
     try:
@@ -172,21 +186,11 @@ def train(cfg: TrainConfig | ImageTrainConfig | None = None, *, resume: str | Pa
     """
     from genrl.config import ImageTrainConfig
 
-    if isinstance(cfg, ImageTrainConfig) or (resume is not None and isinstance(load_run_config(resume), ImageTrainConfig)):
-        from genrl.image_trainer import train_image
+    cfg, run_dir, ckpt = open_run(cfg, resume)
+    if isinstance(cfg, ImageTrainConfig):
+        from genrl.image_trainer import run_image
 
-        return train_image(cfg, resume=resume)
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = load_run_config(run_dir)
-        ckpt = latest_checkpoint(run_dir)
-    else:
-        if cfg is None:
-            raise ConfigError("train() needs a config or resume=")
-        run_dir = Path(cfg.run.out)
-        if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-        ckpt = None
+        return run_image(cfg, run_dir, ckpt)
     torch.set_num_threads(cfg.run.torch_threads)
     algo = build(cfg)  # validates everything before the run folder is touched
     if ckpt is None:

@@ -184,7 +184,7 @@ class GRPO:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         if cfg.kl_coef > 0:
             policy.keep_reference()
-        params = policy.trainable_parameters()
+        self.params = params = policy.trainable_parameters()
         if not params:
             raise ConfigError("the policy has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
@@ -194,7 +194,10 @@ class GRPO:
             self.images_per_iter *= self.m_steps * len(cfg.granularities)
         self.n_iterations = max(1, -(-total_images // self.images_per_iter))
         self.iteration = 0
-        self.global_step = 0
+
+    @property
+    def global_step(self) -> int:
+        return self.iteration * self.images_per_iter
 
     # ------------------------------------------------------------------ sampling helpers
     def _prompts(self) -> list[str]:
@@ -236,7 +239,7 @@ class GRPO:
     def _finish(self, loss: Tensor) -> float:
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite GRPO loss at iteration {self.iteration}")
-        gn = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), self.cfg.max_grad_norm)
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if not torch.isfinite(gn):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}")
@@ -394,7 +397,6 @@ class GRPO:
         stats = self.update_g2rpo(batch) if self.algo == "g2rpo" else self.update_flow_grpo(batch)
         timer.add("train", t0)
         self.iteration += 1
-        self.global_step += self.images_per_iter
         total = self.env.rewards.total(batch["scores"])
         metrics: dict[str, float] = {f"reward/{k}": float(v.mean()) for k, v in batch["scores"].items()}
         metrics["reward/total"] = float(total.mean())
@@ -427,7 +429,6 @@ class GRPO:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "iteration": self.iteration,
-            "global_step": self.global_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -435,4 +436,3 @@ class GRPO:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
-        self.global_step = int(state["global_step"])
