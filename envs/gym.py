@@ -258,6 +258,19 @@ def _from_jsonable(obj: Any) -> Any:
     return obj
 
 
+def _aligned(array: np.ndarray) -> Tensor:
+    """A float32 copy of ``array`` in torch's own (64-byte aligned) memory.
+
+    The policy's matrix products round differently when their input starts at another offset
+    from a 64-byte boundary (MKL's kernels peel unaligned heads), and numpy's allocations land at
+    offsets that depend on the process's history. Copying every observation into torch's
+    allocator makes a policy's actions a function of the values alone, so a resumed run takes
+    the same actions as the uninterrupted one. The copy also detaches from the vector env's
+    reused buffer.
+    """
+    return torch.tensor(array, dtype=torch.float32)
+
+
 class GymVectorEnv:
     """A vector of gymnasium envs behind the tensor API of ``envs.base.BatchedEnv``.
 
@@ -267,6 +280,8 @@ class GymVectorEnv:
         vectorization: "sync" (default; fastest on few cores) or "async" (subprocesses).
         normalize_obs / normalize_reward: running normalisation (with clipping at ±clip_*).
         gamma: discount used by the reward normaliser's return estimate.
+        reward_scale: training rewards are multiplied by this after normalisation and clipping
+            (Brax / GoRL's ``reward_scaling``; episode statistics stay raw).
         render_mode: e.g. "rgb_array" for video capture.
         keep_info: keep the sub-envs' per-step info dicts (off by default: training never reads
             them, and merging them is a measurable share of the step time).
@@ -283,6 +298,7 @@ class GymVectorEnv:
         gamma: float = 0.99,
         clip_obs: float = 10.0,
         clip_reward: float = 10.0,
+        reward_scale: float = 1.0,
         render_mode: str | None = None,
         keep_info: bool = False,
         env_kwargs: dict[str, Any] | None = None,
@@ -319,6 +335,9 @@ class GymVectorEnv:
         if normalize_reward:
             env = self._rew_norm = NormalizeRewardSameStep(env, gamma=gamma)
         self._clip_reward = clip_reward if normalize_reward else None
+        if not (np.isfinite(reward_scale) and reward_scale > 0):
+            raise EnvError(f"reward_scale must be a finite number > 0, got {reward_scale}")
+        self._reward_scale = float(reward_scale)
         self._env = env
         self.spec = EnvSpec(
             env_id=env_id,
@@ -336,7 +355,7 @@ class GymVectorEnv:
     def reset(self, seed: int | None = None) -> Tensor:
         """Reset every sub-env (sub-env i gets seed + i) and return obs (N, O)."""
         obs, _ = self._env.reset(seed=seed)
-        return torch.from_numpy(np.array(obs, dtype=np.float32))  # a copy: the vector env reuses its buffer
+        return _aligned(obs)
 
     def step(self, action: Tensor) -> StepResult:
         if action.shape != (self.spec.n_envs, self.spec.action_dim):
@@ -345,8 +364,7 @@ class GymVectorEnv:
             )
         clipped = torch.maximum(torch.minimum(action.detach().cpu(), self._high), self._low)
         obs, reward, terminated, truncated, info = self._env.step(clipped.numpy())
-        # the normaliser returns a fresh array; the raw vector env reuses its buffer, so copy that
-        obs_t = torch.from_numpy(np.asarray(obs, dtype=np.float32) if self._obs_norm is not None else np.array(obs, dtype=np.float32))
+        obs_t = _aligned(obs)
         final = obs_t
         returns: list[float] = []
         lengths: list[int] = []
@@ -365,6 +383,8 @@ class GymVectorEnv:
         reward_t = torch.from_numpy(np.asarray(reward, dtype=np.float32))
         if self._clip_reward is not None:
             reward_t = reward_t.clamp_(-self._clip_reward, self._clip_reward)
+        if self._reward_scale != 1.0:
+            reward_t = reward_t.mul_(self._reward_scale)
         return StepResult(
             obs=obs_t,
             reward=reward_t,

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-episodes", type=int, dest="eval_episodes")
     t.add_argument("--device", help="cpu | cuda | cuda:N")
     t.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields")
+    t.add_argument("--preset", help="a method's paper settings under your own: paper (the family's) or a name from `genrl presets`")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any field, e.g. ppo.learning_rate=1e-4")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic mode")
 
+    pr = sub.add_parser("presets", help="print every preset (each method's paper / reference-code settings) in full")
+    pr.add_argument("name", nargs="?", help="only this preset")
+
     pl = sub.add_parser("plot", help="learning curves from runs' progress.csv")
     pl.add_argument("runs", nargs="+")
     pl.add_argument("-o", "--out", default="curves.png")
@@ -77,7 +81,7 @@ def _train(args: argparse.Namespace) -> int:
     from genrl.trainer import train
 
     if args.resume:
-        given = [k for k in ("env", "policy", "algo", "steps", "seed", "out", "n_envs", "config") if getattr(args, k) is not None]
+        given = [k for k in ("env", "policy", "algo", "steps", "seed", "out", "n_envs", "config", "preset") if getattr(args, k) is not None]
         if given or args.set:
             raise GenrlError(f"--resume takes the run's own config; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--set'}")
         run = train(resume=args.resume)
@@ -90,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
             bad = (control_only or image_only)[0].replace("_", "-")
             raise GenrlError(f"--{bad} does not apply to {'--env t2i' if image else 'control envs'}")
         flags = {
+            "preset": args.preset,
             "env.env_id": args.env,
             "policy": args.policy,
             "algo": args.algo,
@@ -154,6 +159,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(args: argparse.Namespace) -> int:
+    from genrl.presets import PRESETS, describe
+
+    if args.name is not None and args.name not in PRESETS:
+        raise GenrlError(f"unknown preset '{args.name}'; valid: {', '.join(PRESETS)}")
+    names = [args.name] if args.name else list(PRESETS)
+    print("\n\n".join(describe(PRESETS[n]) for n in names))
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from genrl.plot import plot_runs
 
@@ -163,7 +178,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "plot": _plot}
+    handlers = {"train": _train, "eval": _eval, "plot": _plot, "presets": _presets}
     try:
         return handlers[args.command](args)
     except (GenrlError, ValueError, FileNotFoundError, TypeError) as exc:

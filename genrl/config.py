@@ -36,8 +36,12 @@ class EnvConfig:
     normalize_reward: bool = True
     clip_obs: float = 10.0
     clip_reward: float = 10.0
+    reward_scale: float = 1.0
+    """Training rewards are multiplied by this after normalisation (GoRL / Brax: 10, unnormalised)."""
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
+            raise ConfigError(f"invalid env.reward_scale = {self.reward_scale} (must be > 0)")
         if self.n_envs < 1:
             raise ConfigError(f"invalid env.n_envs = {self.n_envs} (must be >= 1)")
         if self.vectorization not in ("sync", "async"):
@@ -88,6 +92,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     gorl: GoRLTrainConfig = field(default_factory=GoRLTrainConfig)
     """GoRL's stage schedule and decoder refinement; only for ``policy = "gorl"``."""
+    preset: str | None = None
+    """The preset laid under this config (``genrl.presets``), recorded for reference."""
 
     def __post_init__(self) -> None:
         from policies.base import POLICY_FAMILIES
@@ -139,6 +145,8 @@ class ImageTrainConfig:
     (latents, SDE log-probs and LoRA weights stay float32)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     run: RunConfig = field(default_factory=lambda: RunConfig(total_steps=2048, out="runs/t2i", eval_episodes=4))
+    preset: str | None = None
+    """The preset laid under this config (``genrl.presets``), recorded for reference."""
 
     def __post_init__(self) -> None:
         if self.env != "t2i":
@@ -208,7 +216,10 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig | ImageTrainConfig:
     """Build a TrainConfig (or, for ``env = "t2i"``, an ImageTrainConfig) from nested plain data,
-    rejecting unknown keys and bad types."""
+    rejecting unknown keys and bad types. A ``preset`` key lays that preset's values under ``data``."""
+    from genrl.presets import apply_preset
+
+    data = apply_preset(data)
     if data.get("env") == "t2i":
         return _build(ImageTrainConfig, data, "")
     return _build(TrainConfig, data, "")

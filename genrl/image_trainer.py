@@ -58,10 +58,10 @@ def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
     tmp.mkdir()
     try:
         save_file({k: v.contiguous().cpu() for k, v in st["adapter"].items()}, str(tmp / "adapter.safetensors"))
-        save_file({"generator": st["generator"], "torch_global": torch.get_rng_state()}, str(tmp / "trainer.safetensors"))
+        save_file({"generator": st["generator"], "torch_global": torch.get_rng_state(), **st.get("ema", {})}, str(tmp / "trainer.safetensors"))
         torch.save(st["optimizer"], tmp / "optimizer.pt")
         state = {"format_version": FORMAT_VERSION, "kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune,
-                 "iteration": st["iteration"], "global_step": algo.global_step}  # fmt: skip
+                 "iteration": st["iteration"], "global_step": algo.global_step, "optimizer_steps": st["optimizer_steps"]}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state))
         return publish_dir(tmp, root / str(algo.global_step))
     finally:
@@ -81,7 +81,9 @@ def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
     trainer = read_tensors(ckpt / "trainer.safetensors")
     optimizer = read_optimizer(ckpt / "optimizer.pt")
     try:
-        algo.load_state_dict({"adapter": adapter, "optimizer": optimizer, "generator": trainer["generator"], "iteration": state["iteration"]})
+        ema = {k: v for k, v in trainer.items() if k.startswith("ema.")} or None
+        algo.load_state_dict({"adapter": adapter, "optimizer": optimizer, "generator": trainer["generator"], "iteration": state["iteration"],
+                              "optimizer_steps": state.get("optimizer_steps", 0), "ema": ema})  # fmt: skip
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt} does not match this run: {str(exc).splitlines()[0]}") from None
     torch.set_rng_state(trainer["torch_global"])
@@ -180,7 +182,8 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, ckpt: Path | None) -> Path:
                 save_image_state(algo, cfg, run_dir)
     finally:
         logger.close()
-    export_model(algo, cfg, run_dir / "final")
+    with algo.ema_weights():  # the EMA weights when grpo.ema is on (Flow-GRPO saves those)
+        export_model(algo, cfg, run_dir / "final")
     plot_runs([run_dir], run_dir / "curves.png")
     return run_dir
 

@@ -40,12 +40,16 @@ def clipped_surrogate(
 
 
 def value_loss(
-    values: Tensor, returns: Tensor, old_values: Tensor, clip_coef: float | None
+    values: Tensor, returns: Tensor, old_values: Tensor, clip_coef: float | None, mode: str = "max"
 ) -> Tensor:
-    """0.5 * E[(V - R)^2], or with ``clip_coef`` the pessimistic clipped form of PPO2."""
+    """0.5 * E[(V - R)^2]; with ``clip_coef`` the prediction is clipped to old +- clip_coef and
+    ``mode`` "max" takes the pessimistic maximum of both losses (PPO2), "clipped" the clipped
+    prediction's loss alone (skrl / PolicyFlow)."""
     if clip_coef is None:
         return 0.5 * (values - returns).square().mean()
     clipped = old_values + (values - old_values).clamp(-clip_coef, clip_coef)
+    if mode == "clipped":
+        return 0.5 * (clipped - returns).square().mean()
     return 0.5 * torch.maximum((values - returns).square(), (clipped - returns).square()).mean()
 
 

@@ -47,6 +47,7 @@ def build(cfg: TrainConfig) -> PPO:
         gamma=cfg.ppo.gamma,
         clip_obs=e.clip_obs,
         clip_reward=e.clip_reward,
+        reward_scale=e.reward_scale,
     )
     try:
         policy_cls = resolve_family(cfg.policy)

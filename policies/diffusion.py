@@ -24,9 +24,12 @@ frozen ``actor`` is also part of its checkpoints).
 Choices (official code ``irom-lab/dppo``, ``model/diffusion/diffusion_{vpg,ppo}.py``):
 
 * Defaults follow DPPO's gym configs (denoised clip 1, noise clamp 3, std floors 0.1, gamma 0.99,
-  clip 0.01 -> 0.01, rate 3); the network is genrl's ``flow.VelocityNet`` layout (it outputs eps
-  here), zero last layer, so eps = 0 at init; with ``denoised_clip=1`` that samples actions in
-  about [-1.3, 1.3] (widen it for larger action boxes; None removes it).
+  clip rate 3) except the clip coefficients: 0.2 -> 0.2 here, for training from scratch, where
+  DPPO's fine-tuning value 0.01 -> 0.01 barely moves a fresh network (measured on
+  InvertedPendulum, README); ``--preset paper`` sets DPPO's values. The network is genrl's
+  ``flow.VelocityNet`` layout (it outputs eps here), zero last layer, so eps = 0 at init; with
+  ``denoised_clip=1`` that samples actions in about [-1.3, 1.3] (widen it for larger action boxes;
+  None removes it).
 * ``logprob_reduction="sum"`` over action dims (Gaussian-PPO convention); DPPO uses "mean".
   ``logprob_clamp`` (DPPO: (-5, 2), per element, before reducing) is off by default: a clamped
   log-prob silently stops the gradient; it is applied identically to old and new log-probs.

@@ -52,9 +52,16 @@ class VelocityNet(nn.Module):
     """
 
     def __init__(
-        self, obs_dim: int, action_dim: int, hidden: tuple[int, ...] = (256, 256), activation: str = "silu", embed_dim: int = 64
+        self,
+        obs_dim: int,
+        action_dim: int,
+        hidden: tuple[int, ...] = (256, 256),
+        activation: str = "silu",
+        embed_dim: int = 64,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        self.output_scale = float(output_scale)  # FPO's policy_mlp_output_scale (0.25); 1: none
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation '{activation}'; valid: {sorted(ACTIVATIONS)}")
         self.time_embed = TimeEmbedding(embed_dim)
@@ -71,7 +78,8 @@ class VelocityNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         h = self.time_embed(t) + self.cond(obs)
-        return self.net(torch.cat([x, h], dim=-1))
+        out = self.net(torch.cat([x, h], dim=-1))
+        return out if self.output_scale == 1.0 else out * self.output_scale
 
     def conditioned(self, obs: Tensor, times: Tensor) -> Callable[[Tensor, int], Tensor]:
         """v(x, times[k] | obs) as a function of (x, k), for integrating at fixed obs and times.
@@ -86,6 +94,7 @@ class VelocityNet(nn.Module):
         c = F.linear(self.cond(obs), w_h, first.bias)  # (B, H)
         e = F.linear(self.time_embed(times.to(obs.dtype)), w_h)  # (n_t, H)
         rest = self.net._plan[1:]
+        scale = self.output_scale
 
         def v(x: Tensor, k: int) -> Tensor:
             h = F.linear(x, w_x) + c + e[k]
@@ -95,7 +104,7 @@ class VelocityNet(nn.Module):
                 h = F.linear(h, layer.weight, layer.bias)
                 if act is not None:
                     h = act(h)
-            return h
+            return h if scale == 1.0 else h * scale
 
         return v
 

@@ -20,10 +20,14 @@ Choices (official code ``akanazawa/fpo``, ``playground/src/flow_policy/fpo.py``,
 * ``loss_weighting="eps"`` is the official ``u_but_supervise_as_eps`` (its default): the network
   still outputs a velocity but the loss supervises the reconstructed noise; in convention B that is
   t^2 times the plain CFM loss (derivation at ``pair_losses``).
-* ``t_sampling="grid"`` draws t_j from the Euler evaluation times {k / n_steps}
-  (``discretize_t_for_training=True``); the official default is uniform t (``"uniform"``).
+* ``t_sampling="grid"`` (the official default, ``discretize_t_for_training=True``) draws t_j from
+  the Euler evaluation times {k / n_steps}; ``"uniform"`` draws t ~ U[0, 1) (the official
+  alternative).
 * ``loss_reduction="sum"`` sums the squared error over action dims (genrl's ``cfm_loss``, like a
   Gaussian log-prob); the official code averages (``"mean"``): the log-ratio is then A times smaller.
+* ``loss_weighting="velocity"`` and genrl's ``VelocityNet`` (256 x 256, zero last layer) are genrl's
+  defaults; ``--preset fpo`` sets the official eps supervision, mean reduction, a 4 x 32 SiLU
+  network, an 8-wide time embedding and the official ``output_scale`` 0.25.
 * Exploration: ``exploration_noise`` adds the Euler-Maruyama "feather" noise of ``flow.integrate``
   after each step (total variance sigma^2 for a state-independent field); the official code adds
   it once to the final action. ``act(deterministic=True)`` drops it, but, like FPO's evaluation,
@@ -78,6 +82,8 @@ class FPOConfig:
     """Std of the per-step feather noise while sampling (0: the plain ODE map)."""
     deterministic_zero_noise: bool = False
     """``act(deterministic=True)`` integrates from z = 0 instead of a random z (FPO: random)."""
+    output_scale: float = 1.0
+    """Multiplies the velocity network's output (official ``policy_mlp_output_scale``: 0.25)."""
 
     def __post_init__(self) -> None:
         if not self.hidden_sizes or any(int(h) != h or h <= 0 for h in self.hidden_sizes):
@@ -101,6 +107,8 @@ class FPOConfig:
         c = self.per_pair_clamp
         if c is not None and not (math.isfinite(c) and c > 0):
             raise ValueError(f"per_pair_clamp must be a finite number > 0 or None, got {c}")
+        if not (math.isfinite(self.output_scale) and self.output_scale > 0):
+            raise ValueError(f"output_scale must be a finite number > 0, got {self.output_scale}")
         if not (math.isfinite(self.exploration_noise) and self.exploration_noise >= 0):
             raise ValueError(f"exploration_noise must be a finite number >= 0, got {self.exploration_noise}")
 
@@ -123,7 +131,7 @@ class FPOPolicy(PolicyModule):
         super().__init__(obs_dim, action_dim, config or FPOConfig())
         cfg = self.config
         hidden = tuple(int(h) for h in cfg.hidden_sizes)
-        self.velocity = VelocityNet(obs_dim, action_dim, hidden, cfg.activation, cfg.embed_dim)
+        self.velocity = VelocityNet(obs_dim, action_dim, hidden, cfg.activation, cfg.embed_dim, cfg.output_scale)
         self._clamp_stat: tuple[weakref.ref, Tensor] | None = None  # (record, fraction) of the last log_ratio
 
     # -- the per-pair loss ----------------------------------------------------------------------

@@ -8,7 +8,8 @@ differentiable; ``auxiliary_loss`` trains alpha with one of three estimators, sc
 auxiliary Q(s, a) network regressed on the PPO return targets:
 
 * ``"pmoe"`` (frequency approximate gradient, default): draw one reparameterised action from
-  every expert, k* = argmax_k Q(s, a_k), minimise sum_k (alpha_k - onehot(k*)_k)^2. In expectation
+  every expert, k* = argmax_k Q(s, a_k), minimise mean_k (alpha_k - onehot(k*)_k)^2 (the
+  references' ``F.mse_loss``: a mean over experts as well as states). In expectation
   alpha_k(s) -> P(expert k wins at s).
 * ``"gumbel"``: a = sum_k y_k a_k with y a Gumbel-Softmax sample of alpha; minimise -Q(s, a).
 * ``"score"``: REINFORCE, -log alpha_k (Q(s, a_k) - sum_j alpha_j Q(s, a_j)) with k ~ Cat(alpha).
@@ -235,7 +236,7 @@ class PMOEPolicy(PolicyModule):
             q = self.q_value(obs, samples)  # (B, M)
         if estimator == "pmoe":
             best = F.one_hot(q.argmax(-1), self.n_experts).to(log_alpha.dtype)
-            return (log_alpha.exp() - best).square().sum(-1).mean()
+            return F.mse_loss(log_alpha.exp(), best)  # mean over experts and batch, as both reference codes
         return -score_function_surrogate(log_alpha, q, generator).mean()
 
     def auxiliary_loss(

@@ -31,6 +31,9 @@ import torch
 from torch import Tensor, nn
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+CFG_GRADIENTS = ("conditional", "both")
+"""What classifier-free guidance trains: the text-conditioned branch only (Flow-GRPO's reference
+code detaches the unconditional prediction), or both branches."""
 
 
 class SDEStep(NamedTuple):
@@ -174,8 +177,12 @@ class FlowImagePolicy(nn.Module):
         finetune: str = "lora",
         lora: LoraSpec | None = None,
         noise_level: float = 0.7,
+        cfg_gradient: str = "conditional",
+        timestep_levels: int | None = None,
     ) -> None:
         super().__init__()
+        if cfg_gradient not in CFG_GRADIENTS:
+            raise ValueError(f"unknown cfg_gradient {cfg_gradient!r}; valid: {', '.join(CFG_GRADIENTS)}")
         if finetune not in ("lora", "full"):
             raise ValueError(f"unknown finetune mode {finetune!r}; valid: lora, full")
         if guidance_scale < 1.0:
@@ -184,6 +191,8 @@ class FlowImagePolicy(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.finetune = finetune
         self.noise_level = float(noise_level)
+        self.cfg_gradient = cfg_gradient
+        self.timestep_levels = timestep_levels
         self._reference: nn.Module | None = None
         transformer.requires_grad_(finetune == "full")
         if finetune == "lora":
@@ -214,7 +223,7 @@ class FlowImagePolicy(nn.Module):
         g = self.guidance_scale
         if self.is_flux:
             return self._flux_velocity(x, sigma, cond)
-        t = sigma * 1000.0  # diffusers' timestep = sigma * num_train_timesteps
+        t = self.model_sigma(sigma) * 1000.0  # diffusers' timestep = sigma * num_train_timesteps
         dtype = self.transformer.dtype  # latents and SDE maths stay float32; the model may run in bf16/fp16
         if g == 1.0:
             return self.transformer(
@@ -229,8 +238,24 @@ class FlowImagePolicy(nn.Module):
             pooled_projections=torch.cat([cond.negative_pooled, cond.pooled]),
             return_dict=False,
         )[0].to(x.dtype)
-        uncond, text = out.chunk(2)
-        return uncond + g * (text - uncond)
+        return self._guide(*out.chunk(2))
+
+    def _guide(self, uncond: Tensor, text: Tensor) -> Tensor:
+        """``uncond + g (text - uncond)``; with ``cfg_gradient="conditional"`` (Flow-GRPO's
+        ``compute_log_prob``) the unconditional prediction is detached, so only the
+        text-conditioned branch is trained. Forward values are identical either way."""
+        if self.cfg_gradient == "conditional":
+            uncond = uncond.detach()
+        return uncond + self.guidance_scale * (text - uncond)
+
+    def model_sigma(self, sigma: Tensor) -> Tensor:
+        """The noise level the transformer is told: ``sigma``, or with ``timestep_levels`` n,
+        ``int(sigma * n) / n`` computed in float64 (G2RPO / DanceGRPO feed Flux
+        ``int(sigma * 1000) / 1000``)."""
+        if self.timestep_levels is None:
+            return sigma
+        n = self.timestep_levels
+        return (torch.floor(sigma.double() * n) / n).to(sigma.dtype)
 
     @property
     def is_flux(self) -> bool:
@@ -254,7 +279,7 @@ class FlowImagePolicy(nn.Module):
         n = 2 if true_cfg else 1
         out = self.transformer(
             hidden_states=tokens.repeat(n, 1, 1).to(dtype),
-            timestep=sigma.repeat(n).to(dtype),
+            timestep=self.model_sigma(sigma).repeat(n).to(dtype),
             guidance=torch.full((b * n,), self.guidance_scale, device=x.device, dtype=torch.float32) if distilled else None,
             pooled_projections=torch.cat([cond.negative_pooled, cond.pooled]) if true_cfg else cond.pooled,
             encoder_hidden_states=torch.cat([cond.negative_prompt_embeds, cond.prompt_embeds]) if true_cfg else cond.prompt_embeds,
@@ -263,8 +288,7 @@ class FlowImagePolicy(nn.Module):
             return_dict=False,
         )[0].to(x.dtype)
         if true_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + self.guidance_scale * (text - uncond)
+            out = self._guide(*out.chunk(2))
         return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
     def step(

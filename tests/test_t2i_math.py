@@ -155,11 +155,11 @@ def test_gdpo_decouples_reward_scales_and_sum_does_not() -> None:
 
 
 def test_continuation_schedules() -> None:
-    assert continuation_indices(0, 1, 10) == list(range(1, 11))  # lambda = 1: the original schedule
-    assert continuation_indices(2, 2, 10) == [3, 4, 6, 8, 10]
-    assert continuation_indices(0, 3, 10) == [1, 2, 5, 8, 10]  # stride skips sigma = 0: final x0 jump
-    assert continuation_indices(8, 2, 10) == [9, 10]
-    assert continuation_indices(9, 2, 10) == [10]
+    assert continuation_indices(0, 1, 10, "extended") == list(range(1, 11))  # lambda = 1: the original schedule
+    assert continuation_indices(2, 2, 10, "extended") == [3, 4, 6, 8, 10]
+    assert continuation_indices(0, 3, 10, "extended") == [1, 2, 5, 8, 10]  # stride skips sigma = 0: final x0 jump
+    assert continuation_indices(8, 2, 10, "extended") == [9, 10]
+    assert continuation_indices(9, 2, 10, "extended") == [10]
 
 
 def test_trained_steps_and_config_validation() -> None:

@@ -23,9 +23,10 @@ steps (G2RPO), L granularities, C/H/W latent.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -36,6 +37,7 @@ from genrl.losses import clipped_surrogate
 from policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference, sde_step
 
 ALGOS = ("flow-grpo", "g2rpo")
+CONTINUATIONS = ("official", "extended")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,29 @@ class GRPOConfig:
     """|M|: optimise steps 0 .. M-1 (paper: the first half, T // 2)."""
     granularities: tuple[int, ...] = (1, 2)
     """Lambda: continuation strides (paper {1, 2, 3}; released script {1, 2})."""
+    continuation: str = "official"
+    """G2RPO's strided continuation: "official" (the released code's loop) or "extended"
+    (evaluates the last strided sigma too); see ``continuation_indices``."""
+    # both
+    cfg_gradient: str = "conditional"
+    """With true CFG: train only the text-conditioned branch ("conditional", Flow-GRPO's
+    ``compute_log_prob`` detaches the unconditional prediction) or "both"."""
+    schedule: str | None = None
+    """Sigma schedule: "pipeline" (the diffusers scheduler's, with its resolution-dependent shift
+    on Flux) or "shifted" (``linspace(1, 0, T+1)`` under a fixed ``schedule_shift``, the
+    transformer told ``int(sigma * 1000) / 1000``: G2RPO / DanceGRPO on Flux). Default: "shifted"
+    for G2RPO on a Flux model, "pipeline" otherwise."""
+    schedule_shift: float = 3.0
+    ema: bool = False
+    """Keep an EMA of the trained weights (Flow-GRPO's ``train.ema``) and use it for evaluation
+    grids and ``final/``."""
+    ema_decay: float = 0.9
+    """EMA decay cap: decay = min((1 + n) / (10 + n), ema_decay) at optimiser step n (Flow-GRPO)."""
+    ema_interval: int = 8
+    """Update the EMA when (optimiser steps + 1) % ema_interval == 0 (Flow-GRPO: 8)."""
+    drop_zero_advantage: bool = False
+    """Flow-GRPO: train only on images whose advantage is non-zero (groups whose rewards are all
+    equal carry no signal); random dropped ones are put back to keep minibatches equal."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -125,11 +150,18 @@ class GRPOConfig:
             ("ratio", self.ratio, ("standard", "guard")),
             ("finetune", self.finetune, ("lora", "full")),
             ("reward_aggregation", self.reward_aggregation, (None, "sum", "per_reward", "gdpo")),
+            ("continuation", self.continuation, CONTINUATIONS),
+            ("cfg_gradient", self.cfg_gradient, ("conditional", "both")),
+            ("schedule", self.schedule, (None, "pipeline", "shifted")),
         ):
             if value not in valid:
                 raise ConfigError(f"invalid grpo.{name} = {value!r}; valid: {', '.join(str(v) for v in valid)}")
         if self.noise_level == 0:
             raise ConfigError("grpo.noise_level must be > 0: GRPO needs stochastic steps")
+        if not self.schedule_shift > 0:
+            raise ConfigError(f"invalid grpo.schedule_shift = {self.schedule_shift!r} (must be > 0)")
+        if not 0 <= self.ema_decay < 1 or self.ema_interval < 1:
+            raise ConfigError(f"invalid grpo.ema_decay / ema_interval = {self.ema_decay} / {self.ema_interval}")
 
 
 def trained_steps(cfg: GRPOConfig) -> list[int]:
@@ -139,20 +171,45 @@ def trained_steps(cfg: GRPOConfig) -> list[int]:
     return list(range(max(1, int(cfg.num_steps * cfg.timestep_fraction))))
 
 
-def continuation_indices(k: int, stride: int, num_steps: int) -> list[int]:
-    """G2RPO's schedule after the SDE step k -> k+1: k+1, k+2, then every ``stride``-th index.
+def continuation_indices(k: int, stride: int, num_steps: int, rule: str = "official") -> list[int]:
+    """G2RPO's deterministic continuation after the SDE step k -> k+1, as schedule indices: the
+    model is evaluated at every index but the last, and the last step jumps to it.
 
-    The last index is always ``num_steps`` (sigma = 0): when the stride skips it, the final jump
-    to 0 is the x0-prediction ``x - sigma v`` of the last evaluated point.
+    Both rules start from the strided list S = [k+1] + [k+2, k+2+stride, ...] (indices <= T).
+    ``"official"`` (``bcmi/Granular-GRPO``, ``train_g2rpo_hps.py``: ``prefix = sigmas[:k+2]``,
+    ``suffix = sigmas[k+2::g]``, ODE over ``range(k+1, len-1)``, decode the x0-prediction of the
+    last iteration) evaluates S without its last element and jumps from the one before it to
+    sigma = 0; when the stride lands on T that is the plain Euler schedule, when it skips T the
+    last strided sigma is never evaluated. ``"extended"`` (genrl's earlier rule) evaluates all of S
+    and jumps from its last element to sigma = 0 when the stride skips T.
     """
-    idx = [k + 1]
-    if k + 2 <= num_steps:
-        idx.append(k + 2)
-        while idx[-1] + stride <= num_steps:
-            idx.append(idx[-1] + stride)
-    if idx[-1] != num_steps:
-        idx.append(num_steps)
-    return idx
+    strided = [k + 1, *range(k + 2, num_steps + 1, stride)]
+    if rule == "official":
+        return [*strided[:-1], num_steps] if len(strided) > 1 else [num_steps]
+    if rule == "extended":
+        return strided if strided[-1] == num_steps else [*strided, num_steps]
+    raise ValueError(f"unknown continuation rule {rule!r}; valid: {', '.join(CONTINUATIONS)}")
+
+
+def shifted_sigmas(num_steps: int, shift: float) -> Tensor:
+    """DanceGRPO / G2RPO's fixed schedule: ``linspace(1, 0, T+1)`` mapped by the SD3 time shift
+    ``shift t / (1 + (shift - 1) t)``, in float32 as the reference computes it."""
+    t = torch.linspace(1, 0, num_steps + 1)
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def kept_samples(advantages: Tensor, n_minibatches: int, generator: torch.Generator) -> Tensor:
+    """Indices of the samples Flow-GRPO trains on with zero-advantage filtering: those with a
+    non-zero advantage, plus randomly chosen dropped ones until the count divides into
+    ``n_minibatches`` (the reference's ``mask`` top-up); empty when every advantage is zero."""
+    nonzero = advantages != 0
+    if not bool(nonzero.any()):
+        return torch.zeros(0, dtype=torch.long)
+    short = -int(nonzero.sum()) % n_minibatches
+    if short:
+        dropped = torch.nonzero(~nonzero).flatten()
+        nonzero[dropped[torch.randperm(dropped.numel(), generator=generator)[:short]]] = True
+    return torch.nonzero(nonzero).flatten()
 
 
 class _Timer:
@@ -188,7 +245,13 @@ class GRPO:
         if not params:
             raise ConfigError("the policy has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-        self.sigmas = env.sigmas(cfg.num_steps)
+        self.schedule = cfg.schedule or ("shifted" if g2 and getattr(env, "flux", False) else "pipeline")
+        policy.cfg_gradient = cfg.cfg_gradient
+        policy.timestep_levels = 1000 if self.schedule == "shifted" else None
+        self.sigmas = self.schedule_sigmas(cfg.num_steps)
+        # EMA of the trained weights (Flow-GRPO's EMAModuleWrapper), float32, outside the optimiser
+        self.ema = [p.detach().clone() for p in params] if cfg.ema else None
+        self.optimizer_steps = 0
         self.images_per_iter = cfg.prompts_per_iter * cfg.group_size  # scored images per iteration
         if g2:
             self.images_per_iter *= self.m_steps * len(cfg.granularities)
@@ -198,6 +261,40 @@ class GRPO:
     @property
     def global_step(self) -> int:
         return self.iteration * self.images_per_iter
+
+    def schedule_sigmas(self, num_steps: int) -> Tensor:
+        """(T+1,) sigmas of the configured schedule (``GRPOConfig.schedule``)."""
+        if self.schedule == "shifted":
+            return shifted_sigmas(num_steps, self.cfg.schedule_shift).to(self.device)
+        return self.env.sigmas(num_steps)
+
+    def _ema_update(self) -> None:
+        """Flow-GRPO's EMA step, after optimiser step n (1-based): when (n + 1) % interval == 0,
+        ema += (1 - decay) (p - ema) with decay = min((1 + n) / (10 + n), ema_decay)."""
+        n = self.optimizer_steps
+        if self.ema is None or (n + 1) % self.cfg.ema_interval:
+            return
+        decay = min((1 + n) / (10 + n), self.cfg.ema_decay)
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.add_(p.detach() - e, alpha=1 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Within the context the policy carries the EMA weights (no-op without ``ema``)."""
+        if self.ema is None:
+            yield
+            return
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
 
     # ------------------------------------------------------------------ sampling helpers
     def _prompts(self) -> list[str]:
@@ -244,6 +341,8 @@ class GRPO:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}")
         self.optimizer.step()
+        self.optimizer_steps += 1
+        self._ema_update()
         return float(gn)
 
     # ------------------------------------------------------------------ Flow-GRPO
@@ -289,8 +388,14 @@ class GRPO:
         n = batch["advantages"].shape[0]
         steps = batch["steps"]
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "approx_kl": [], "kl_ref": [], "ratio_mean": [], "grad_norm": []}
+        keep = torch.arange(n)
+        if cfg.drop_zero_advantage:
+            keep = kept_samples(batch["advantages"], cfg.updates_per_epoch, self.generator)
+            stats["kept_fraction"] = [keep.numel() / n]
+            if keep.numel() == 0:
+                return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
         for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=self.generator) if cfg.updates_per_epoch > 1 else torch.arange(n)
+            order = keep[torch.randperm(keep.numel(), generator=self.generator)] if cfg.updates_per_epoch > 1 else keep
             for mb in order.chunk(cfg.updates_per_epoch):
                 self.optimizer.zero_grad(set_to_none=True)
                 cond, adv = batch["cond"].index(mb), batch["advantages"][mb]
@@ -338,7 +443,7 @@ class GRPO:
             branches.append(st.x_next)
             lps.append(st.log_prob)
             means.append(st.mean)
-            finals.append([self._ode(st.x_next, cond, continuation_indices(k, lam, T)) for lam in cfg.granularities])
+            finals.append([self._ode(st.x_next, cond, continuation_indices(k, lam, T, cfg.continuation)) for lam in cfg.granularities])
         timer.add("sample", t0)
         t0 = time.perf_counter()
         L = len(cfg.granularities)
@@ -412,27 +517,39 @@ class GRPO:
     def generate(self, prompts: list[str], seeds: list[int], num_steps: int | None = None) -> Tensor:
         """Deterministic (ODE) images for every (prompt, seed) pair, prompt-major: (len*len, C, H, W)."""
         steps = num_steps or self.cfg.eval_num_steps or self.env.defaults.num_inference_steps
-        sig = self.env.sigmas(steps)
+        sig = self.schedule_sigmas(steps)
         cond = Conditioning(*self.env.encode([p for p in prompts for _ in seeds]))
         x = torch.cat([self.env.initial_noise(1, torch.Generator(device=self.device).manual_seed(s)) for _ in prompts for s in seeds])
         was = self.policy.training
         self.policy.eval()
-        for i in range(steps):
-            v = self.policy.velocity(x, sig[i].expand(x.shape[0]), cond)
-            x = x + (sig[i + 1] - sig[i]) * v
+        with self.ema_weights():
+            for i in range(steps):
+                v = self.policy.velocity(x, sig[i].expand(x.shape[0]), cond)
+                x = x + (sig[i + 1] - sig[i]) * v
         self.policy.train(was)
         return self.env.decode(x)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "adapter": self.policy.adapter_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "iteration": self.iteration,
+            "optimizer_steps": self.optimizer_steps,
         }
+        if self.ema is not None:
+            out["ema"] = {f"ema.{i}": e.clone() for i, e in enumerate(self.ema)}
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_adapter_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        if self.ema is not None:
+            saved = state.get("ema")
+            if saved is None or len(saved) != len(self.ema):
+                raise ValueError("the checkpoint holds no EMA weights for this run's grpo.ema = true")
+            for i, e in enumerate(self.ema):
+                e.copy_(saved[f"ema.{i}"])

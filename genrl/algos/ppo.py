@@ -49,17 +49,33 @@ class PPOConfig:
     gae_lambda: float = 0.95
     clip_coef: float = 0.2
     clip_vloss: bool = False
-    """Clip the value loss around the rollout values (PPO2 style) with ``clip_coef``."""
+    """Clip the value prediction around the rollout values with ``clip_coef``."""
+    vf_clip_mode: str = "max"
+    """With ``clip_vloss``: "max" of the clipped and unclipped losses (PPO2, CleanRL, RSL-RL) or
+    the "clipped" prediction's loss alone (skrl, PolicyFlow)."""
     vf_coef: float = 0.5
     ent_coef: float = 0.0
     """Weight of the policy's regularizer (entropy for Gaussians)."""
     max_grad_norm: float = 0.5
+    """Global gradient-norm clip; inf: no clipping (FPO, DPPO)."""
     target_kl: float | None = None
     """Stop the epoch loop when the minibatch approx-KL exceeds 1.5 x this (SB3's rule)."""
     norm_adv: bool = True
     """Normalise advantages (zero mean, unit std)."""
     norm_adv_scope: str = "minibatch"
     """"minibatch" (CleanRL/SB3) or "batch" (once over the whole rollout, RSL-RL/PolicyFlow)."""
+    desired_kl: float | None = None
+    """KL-adaptive learning rate (RSL-RL, PolicyFlow): before each minibatch step the lr is divided
+    by 1.5 when the minibatch KL estimate exceeds 2 x this and multiplied by 1.5 below half of
+    it, within [lr_min, lr_max]. None: off. Needs ``anneal_lr = false``."""
+    kl_adapt_every: str = "minibatch"
+    """When the adaptive lr changes: each "minibatch" on its KL (RSL-RL) or each "epoch" on the
+    mean KL of the update's minibatches so far (skrl's KLAdaptiveLR, PolicyFlow)."""
+    lr_min: float = 1e-5
+    lr_max: float = 1e-2
+    optimizer: str = "adam"
+    """"adam" or "adamw" (decoupled weight decay, PolicyFlow's optimiser)."""
+    weight_decay: float = 0.0
     critic_hidden: tuple[int, ...] = (64, 64)
     critic_activation: str = "tanh"
     adam_eps: float = 1e-5
@@ -79,10 +95,30 @@ class PPOConfig:
             "target_kl": self.target_kl is None or self.target_kl > 0,
             "adam_eps": self.adam_eps > 0,
             "norm_adv_scope": self.norm_adv_scope in ("minibatch", "batch"),
+            "desired_kl": self.desired_kl is None or (self.desired_kl > 0 and math.isfinite(self.desired_kl)),
+            "lr_min": 0 < self.lr_min <= self.lr_max,
+            "kl_adapt_every": self.kl_adapt_every in ("minibatch", "epoch"),
+            "vf_clip_mode": self.vf_clip_mode in ("max", "clipped"),
+            "optimizer": self.optimizer in ("adam", "adamw"),
+            "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
         }
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid ppo.{name} = {getattr(self, name)!r}")
+        if self.desired_kl is not None and self.anneal_lr:
+            raise ConfigError("ppo.desired_kl (KL-adaptive learning rate) needs ppo.anneal_lr = false")
+        if self.weight_decay > 0 and self.optimizer == "adam":
+            raise ConfigError("ppo.weight_decay needs ppo.optimizer = 'adamw' (Adam's L2 penalty is not offered)")
+
+
+def adaptive_lr(lr: float, kl: float, desired_kl: float, lr_min: float, lr_max: float) -> float:
+    """RSL-RL's KL-adaptive rule: lr / 1.5 if kl > 2 desired, lr * 1.5 if 0 < kl < desired / 2,
+    clamped to [lr_min, lr_max]; otherwise unchanged."""
+    if kl > 2.0 * desired_kl:
+        return max(lr_min, lr / 1.5)
+    if 0.0 < kl < desired_kl / 2.0:
+        return min(lr_max, lr * 1.5)
+    return lr
 
 
 class Critic(nn.Module):
@@ -131,8 +167,13 @@ class PPO:
         self.aux_params = [p for p in policy.parameters() if id(p) in aux_ids]
         self.params = [p for p in policy.parameters() if id(p) not in aux_ids] + list(self.critic.parameters())
         params = self.params + self.aux_params
-        # fused Adam: one kernel per step instead of a dozen foreach ops (~15% of update time)
-        self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps, fused=True)
+        # fused Adam(W): one kernel per step instead of a dozen foreach ops (~15% of update time)
+        if config.optimizer == "adamw":
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=config.learning_rate, eps=config.adam_eps, weight_decay=config.weight_decay, fused=True
+            )
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps, fused=True)
         self.total_steps = int(total_steps)
         self.steps_per_iter = batch
         self.n_iterations = max(1, math.ceil(self.total_steps / batch))
@@ -217,7 +258,7 @@ class PPO:
         else:
             weights, clip_coefs = chain
             pg_loss, stats = clipped_surrogate(log_ratio, advantages, clip_coefs, weights)
-        v_loss = value_loss(self.critic(obs), returns, old_values, cfg.clip_coef if cfg.clip_vloss else None)
+        v_loss = value_loss(self.critic(obs), returns, old_values, cfg.clip_coef if cfg.clip_vloss else None, cfg.vf_clip_mode)
         loss = pg_loss + cfg.vf_coef * v_loss
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach())
         reg = self.policy.regularizer(obs, record) if cfg.ent_coef != 0 else None
@@ -260,6 +301,7 @@ class PPO:
             b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
         batch, mb = T * N, T * N // cfg.n_minibatches
         sums: dict[str, Tensor] = {}
+        kls: list[float] = []  # minibatch KL estimates of this update (KL-adaptive lr)
         n_updates, stop = 0, False
         for _ in range(cfg.n_epochs):
             perm = torch.randperm(batch, generator=self.generator, device=self.device)
@@ -270,6 +312,10 @@ class PPO:
                 if cfg.target_kl is not None and stats["approx_kl"] > 1.5 * cfg.target_kl:
                     stop = True
                     break
+                if cfg.desired_kl is not None:
+                    kls.append(float(stats["approx_kl"]))
+                    if cfg.kl_adapt_every == "minibatch":
+                        self._adapt_lr(kls[-1])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
@@ -286,6 +332,8 @@ class PPO:
                 n_updates += 1
             if stop:
                 break
+            if cfg.desired_kl is not None and cfg.kl_adapt_every == "epoch" and kls:
+                self._adapt_lr(sum(kls) / len(kls))
         self.iteration += 1
         out = {f"train/{k}": float(v) / max(n_updates, 1) for k, v in sums.items()}
         if "entropy" not in sums:
@@ -298,6 +346,11 @@ class PPO:
         out["train/n_updates"] = float(n_updates)
         out["train/early_stop"] = float(stop)
         return out
+
+    def _adapt_lr(self, kl: float) -> None:
+        cfg, group = self.cfg, self.optimizer.param_groups[0]
+        assert cfg.desired_kl is not None
+        group["lr"] = adaptive_lr(group["lr"], kl, cfg.desired_kl, cfg.lr_min, cfg.lr_max)
 
     def iterate(self) -> dict[str, float]:
         """One rollout + one update; returns the metrics of both and time/sps."""
@@ -326,7 +379,9 @@ class PPO:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.critic.load_state_dict(state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.next_obs = state["next_obs"].to(self.device)
+        # a fresh, aligned copy: a tensor read from a file may start off a 64-byte boundary, and
+        # the policy's first action would then round differently (see envs.gym._aligned)
+        self.next_obs = state["next_obs"].to(self.device, copy=True)
         self.generator.set_state(state["generator"])
         self.global_step = int(state["global_step"])
         self.iteration = int(state["iteration"])
