@@ -193,7 +193,9 @@ class _Snapshot(gym.Wrapper):
         data = getattr(base, "data", None)
         if data is not None and type(data).__name__ == "MjData":
             for name in dir(data):
-                if name.startswith("_"):
+                # efc_*: the constraint workspace, rebuilt by mj_forward at the start of every step
+                # and partly uninitialised memory (e.g. efc_J_colind past each row's non-zeros)
+                if name.startswith("_") or name.startswith("efc_"):
                     continue
                 value = getattr(data, name)
                 if isinstance(value, np.ndarray):

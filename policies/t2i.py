@@ -250,12 +250,12 @@ class FlowImagePolicy(nn.Module):
 
     def model_sigma(self, sigma: Tensor) -> Tensor:
         """The noise level the transformer is told: ``sigma``, or with ``timestep_levels`` n,
-        ``int(sigma * n) / n`` computed in float64 (G2RPO / DanceGRPO feed Flux
-        ``int(sigma * 1000) / 1000``)."""
+        ``int(sigma * n) / n`` with the product rounded in float32 as the reference's tensors are
+        (G2RPO / DanceGRPO feed Flux ``int(sigma * 1000) / 1000``; float64 would turn 0.9 into 0.899)."""
         if self.timestep_levels is None:
             return sigma
         n = self.timestep_levels
-        return (torch.floor(sigma.double() * n) / n).to(sigma.dtype)
+        return (torch.floor(sigma.float() * n) / n).to(sigma.dtype)
 
     @property
     def is_flux(self) -> bool:

@@ -42,18 +42,32 @@ GORL_TRAIN: dict[str, Any] = {"refine_steps": 5000}
 
 
 def make_config(
-    family: str, env_id: str, steps: int, seed: int, out: Path, ppo: dict[str, Any] | None = None, n_envs: int = 1
+    family: str, env_id: str, steps: int, seed: int, out: Path, ppo: dict[str, Any] | None = None, n_envs: int = 1,
+    preset: str | None = None,
 ) -> Any:
+    """The run's config: genrl's defaults plus this script's per-family choices, or with
+    ``preset="paper"`` the family's paper preset (``genrl presets``) and nothing of this script's
+    but the rollout geometry and GoRL's refinement budget."""
     from genrl.config import config_from_dict
 
+    paper = preset == "paper"
     data = {
-        "env": {"env_id": env_id, "n_envs": n_envs}, "policy": family, "policy_config": FAMILY_POLICY[family],
-        "ppo": {**FAMILY_PPO[family], **(ppo or {})},
+        "env": {"env_id": env_id, "n_envs": n_envs}, "policy": family,
+        "policy_config": {} if paper else FAMILY_POLICY[family],
+        "ppo": {**({} if paper else FAMILY_PPO[family]), **(ppo or {})},
         "run": {"total_steps": steps, "seed": seed, "out": str(out), "progress": False},
     }  # fmt: skip
+    if paper:
+        data["preset"] = "paper"
     if family == "gorl":
         data["gorl"] = GORL_TRAIN
     return config_from_dict(data)
+
+
+def has_paper_preset(family: str) -> bool:
+    from genrl.presets import PRESETS
+
+    return any(p.family == family for p in PRESETS.values())
 
 
 def train_one(cfg: Any, eval_episodes: int) -> tuple[Any, dict[str, Any]]:
@@ -180,16 +194,19 @@ def mujoco(args: argparse.Namespace) -> None:
     out = Path(args.out)
     results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "n_envs": args.n_envs, "n_steps": args.n_steps, "envs": {}}
     for env_id in args.envs:
-        runs: dict[str, list[dict[str, Any]]] = {f: [] for f in args.families}
+        variants = [(f, p) for f in args.families for p in args.presets if p == "default" or has_paper_preset(f)]
+        label = {v: v[0] if v[1] == "default" else f"{v[0]} (paper)" for v in variants}
+        runs: dict[str, list[dict[str, Any]]] = {label[v]: [] for v in variants}
         for i, seed in enumerate(args.seeds):
-            order = args.families[i % len(args.families):] + args.families[: i % len(args.families)]
-            for family in order:
-                cfg = make_config(family, env_id, args.steps, seed, out / f"{env_id}-{family}-s{seed}",
-                                  {"n_steps": args.n_steps}, n_envs=args.n_envs)  # fmt: skip
+            order = variants[i % len(variants):] + variants[: i % len(variants)]
+            for family, preset in order:
+                name = label[(family, preset)]
+                cfg = make_config(family, env_id, args.steps, seed, out / f"{env_id}-{name.replace(' (paper)', '-paper')}-s{seed}",
+                                  {"n_steps": args.n_steps}, n_envs=args.n_envs, preset=preset)  # fmt: skip
                 algo, res = train_one(cfg, args.eval_episodes)
                 algo.env.close()
-                runs[family].append(res)
-                print(f"{env_id} {family:10s} seed {seed}: return {res['return_mean']:8.1f}  {res['sps']:6.0f} steps/s", flush=True)
+                runs[name].append(res)
+                print(f"{env_id} {name:18s} seed {seed}: return {res['return_mean']:8.1f}  {res['sps']:6.0f} steps/s", flush=True)
         summary = {}
         for family, rs in runs.items():
             summary[family] = {
@@ -265,6 +282,8 @@ def main() -> None:
     j.add_argument("--eval-episodes", type=int, default=10)
     j.add_argument("--n-envs", type=int, default=8, help="envs per family (batched inference amortises the flow/diffusion samplers)")
     j.add_argument("--n-steps", type=int, default=256, help="rollout steps per env per iteration (8 x 256 = the usual 2048)")
+    j.add_argument("--presets", nargs="+", default=["default"], choices=["default", "paper"],
+                   help="genrl's defaults and/or each family's --preset paper, side by side (same seeds, same budget)")
     for s in (m, j):
         s.add_argument("--policy-set", action="append", default=[], metavar="FAMILY.KEY=VALUE",
                        help="override a family's policy config, e.g. policyflow.brownian_coef=0.25")
