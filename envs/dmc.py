@@ -20,7 +20,7 @@
 * rendering: ``render_mode="rgb_array"`` returns ``physics.render(height, width, camera_id)``, an
   (H, W, 3) uint8 frame (headless: ``MUJOCO_GL=egl``, set by ``envs/__init__``).
 
-Exact resume (``envs.gym._Snapshot``, which copies ``vars(env.unwrapped)`` arrays/scalars, the
+Exact resume (``envs.snapshot._Snapshot``, which copies ``vars(env.unwrapped)`` arrays/scalars, the
 ``MjData`` arrays of ``env.unwrapped.data`` and ``np_random``): the adapter keeps all its state
 where that generic snapshot looks, so ``GymVectorEnv.state_dict()`` / ``load_state_dict()``
 continue a DMC episode bitwise with no change to ``envs/gym.py``:
@@ -131,7 +131,7 @@ class DMCEnv(gym.Env):
         )
 
         self._mj_step1 = mujoco.mj_step1
-        self.data = self._physics.data.ptr  # the raw mujoco.MjData: what envs.gym._Snapshot copies
+        self.data = self._physics.data.ptr  # the raw mujoco.MjData: what envs.snapshot._Snapshot copies
         model = self._physics.model.ptr
         for name in MODEL_STATE_FIELDS:
             value = getattr(model, name, None)

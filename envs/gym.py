@@ -9,14 +9,15 @@ The wrapper stack (outermost last), all gymnasium's own except the observation n
 
 gymnasium's vector ``NormalizeObservation`` accepts only NEXT_STEP autoreset, which costs one
 dead env step per episode and leaves ``final_obs`` unnormalised, and its ``NormalizeReward``
-spends most of its time on NEXT_STEP bookkeeping; the two small wrappers below keep the same
+spends most of its time on NEXT_STEP bookkeeping; the two small wrappers of ``envs.normalize`` keep the same
 statistics object (``gymnasium.wrappers.utils.RunningMeanStd``) and maths under SAME_STEP.
 Actions are clipped to the action box in ``step`` (the policies' Gaussian actions are
 unbounded); that is what ``vector.ClipAction`` does, at a tenth of its per-step cost.
 
 Every piece of state that influences the future of a run (simulator state of each sub-env, its
 RNG, time-limit counters, normaliser statistics, episode accumulators) is exposed through
-``state_dict``/``load_state_dict`` so that a resumed run continues bitwise.
+``state_dict``/``load_state_dict`` (one sub-env's part: ``envs.snapshot``) so that a resumed run
+continues bitwise.
 Shapes: N envs, O observation dim, A action dim.
 """
 
@@ -28,12 +29,13 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv, VectorWrapper
+from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import vector as vw
-from gymnasium.wrappers.utils import RunningMeanStd
 from torch import Tensor
 
 from envs.base import EnvError, EnvSpec, StepResult
+from envs.normalize import NormalizeObservationSameStep, NormalizeRewardSameStep
+from envs.snapshot import _Snapshot
 
 
 def check_env_id(env_id: str) -> None:
@@ -77,187 +79,6 @@ def _make_flat(env_id: str, **kwargs: Any) -> gym.Env:
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
     return env
-
-
-class FastRunningMeanStd(RunningMeanStd):
-    """gymnasium's ``RunningMeanStd`` with a cheaper batch update (same parallel-variance maths).
-
-    ``np.var`` costs ~20 us per call on a (1, O) batch; at one update per env step that was a
-    fifth of the whole step time.
-    """
-
-    def update(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float64)
-        n = x.shape[0]
-        if n == 1:  # gymnasium's update_from_moments with batch_var = 0, batch_count = 1, inlined
-            delta = x[0] - self.mean
-            tot = self.count + 1
-            self.mean = self.mean + delta / tot
-            self.var = (self.var * self.count + np.square(delta) * self.count / tot) / tot
-            self.count = tot
-        else:
-            mean = x.sum(0) / n
-            self.update_from_moments(mean, np.square(x - mean).sum(0) / n, n)
-
-
-class NormalizeObservationSameStep(VectorWrapper):
-    """Running mean/std observation normalisation with clipping, for SAME_STEP autoreset.
-
-    ``info["final_obs"]`` is normalised with the same statistics, so bootstrapped values of
-    truncated episodes see the same input scale as every other value.
-    """
-
-    def __init__(self, env: gym.vector.VectorEnv, clip: float = 10.0, epsilon: float = 1e-8) -> None:
-        super().__init__(env)
-        self.obs_rms = FastRunningMeanStd(shape=self.single_observation_space.shape)
-        self.clip, self.epsilon = clip, epsilon
-        self.update_running_mean = True
-
-    def normalize(self, obs: np.ndarray) -> np.ndarray:
-        out = (obs - self.obs_rms.mean) / np.sqrt(self.obs_rms.var + self.epsilon)
-        return np.clip(out, -self.clip, self.clip).astype(np.float32)
-
-    def observations(self, observations: np.ndarray) -> np.ndarray:
-        if self.update_running_mean:
-            self.obs_rms.update(observations)
-        return self.normalize(observations)
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        obs, info = self.env.reset(seed=seed, options=options)
-        return self.observations(obs), info
-
-    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        if "final_obs" in info:
-            mask = info["_final_obs"]
-            final = np.stack([info["final_obs"][i] for i in np.flatnonzero(mask)])
-            info["final_obs_normalized"] = (np.flatnonzero(mask), self.normalize(final))
-        return self.observations(obs), reward, terminated, truncated, info
-
-
-class NormalizeRewardSameStep(VectorWrapper):
-    """gymnasium's ``vector.NormalizeReward`` maths, specialised to SAME_STEP autoreset.
-
-    r / sqrt(Var[G] + eps), with G the running discounted return (reset at episode ends),
-    tracked by the same ``RunningMeanStd``. gymnasium's wrapper spends ~40 us a step on masks
-    that SAME_STEP makes trivial; this one computes the identical result in a few array ops.
-    """
-
-    def __init__(self, env: gym.vector.VectorEnv, gamma: float = 0.99, epsilon: float = 1e-8) -> None:
-        super().__init__(env)
-        if not 0.0 <= gamma <= 1.0:
-            raise EnvError(f"reward normalisation gamma must be in [0, 1], got {gamma}")
-        self.return_rms = FastRunningMeanStd(shape=())
-        self.accumulated_reward = np.zeros(self.num_envs)
-        self.gamma, self.epsilon = gamma, epsilon
-        self.update_running_mean = True
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
-        self.accumulated_reward[:] = 0.0
-        return self.env.reset(seed=seed, options=options)
-
-    def step(self, actions: Any) -> tuple[Any, Any, Any, Any, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.env.step(actions)
-        acc = self.accumulated_reward * self.gamma * (1.0 - terminated) + reward
-        if self.update_running_mean:
-            self.return_rms.update(acc)
-        acc[terminated | truncated] = 0.0  # the done sub-envs were already reset
-        self.accumulated_reward = acc
-        return obs, reward / np.sqrt(self.return_rms.var + self.epsilon), terminated, truncated, info
-
-
-class _Snapshot(gym.Wrapper):
-    """Exposes the full state of one sub-environment as arrays + JSON (works in subprocesses).
-
-    Reading ``snapshot`` returns the state; assigning to it restores it (so ``set_attr`` of an
-    AsyncVectorEnv can restore each worker). With ``keep_info=False`` the per-step info dict is
-    dropped: merging it across sub-envs costs ~25 us per step and training never reads it.
-    """
-
-    def __init__(self, env: gym.Env, keep_info: bool = True) -> None:
-        super().__init__(env)
-        self.keep_info = keep_info
-
-    def step(self, action: Any) -> tuple[Any, Any, bool, bool, dict[str, Any]]:
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        return obs, reward, terminated, truncated, info if self.keep_info else {}
-
-    @property
-    def snapshot(self) -> dict[str, Any]:
-        base = self.env.unwrapped
-        arrays: dict[str, np.ndarray] = {}
-        for name, value in vars(base).items():
-            if isinstance(value, np.ndarray) and value.dtype != object:
-                arrays[f"attr.{name}"] = value.copy()
-        scalars = {k: v for k, v in vars(base).items() if isinstance(v, (bool, int, float)) and not k.startswith("_np")}
-        data = getattr(base, "data", None)
-        if data is not None and type(data).__name__ == "MjData":
-            for name in dir(data):
-                # efc_*: the constraint workspace, rebuilt by mj_forward at the start of every step
-                # and partly uninitialised memory (e.g. efc_J_colind past each row's non-zeros)
-                if name.startswith("_") or name.startswith("efc_"):
-                    continue
-                value = getattr(data, name)
-                if isinstance(value, np.ndarray):
-                    arrays[f"mj.{name}"] = value.copy()
-            scalars["mj.time"] = float(data.time)
-        elapsed = {}
-        env: Any = self.env
-        depth = 0
-        while isinstance(env, gym.Wrapper):
-            if hasattr(env, "_elapsed_steps"):
-                elapsed[str(depth)] = env._elapsed_steps
-            env, depth = env.env, depth + 1
-        rng = base.np_random.bit_generator.state
-        return {
-            "arrays": arrays,
-            "meta": {"scalars": scalars, "elapsed": elapsed, "rng": _jsonable(rng), "has_reset": True},
-        }
-
-    @snapshot.setter
-    def snapshot(self, state: dict[str, Any]) -> None:
-        base = self.env.unwrapped
-        meta = state["meta"]
-        base.np_random.bit_generator.state = _from_jsonable(meta["rng"])
-        data = getattr(base, "data", None)
-        for key, value in state["arrays"].items():
-            kind, name = key.split(".", 1)
-            target = getattr(base, name, None) if kind == "attr" else getattr(data, name, None)
-            if isinstance(target, np.ndarray) and target.shape == value.shape:
-                if target.flags.writeable:
-                    target[...] = value
-            elif kind == "attr":
-                setattr(base, name, np.array(value))
-        for key, value in meta["scalars"].items():
-            if key == "mj.time":
-                data.time = value
-            else:
-                setattr(base, key, value)
-        env: Any = self.env
-        depth = 0
-        while isinstance(env, gym.Wrapper):
-            if str(depth) in meta["elapsed"]:
-                env._elapsed_steps = meta["elapsed"][str(depth)]
-            if hasattr(env, "_has_reset"):
-                env._has_reset = True
-            env, depth = env.env, depth + 1
-
-
-def _jsonable(obj: Any) -> Any:
-    """Bit-generator states hold 128-bit ints: JSON keeps them as strings."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (int, np.integer)) and not isinstance(obj, bool):
-        return {"__int__": str(int(obj))}
-    return obj
-
-
-def _from_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {"__int__"}:
-            return int(obj["__int__"])
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    return obj
 
 
 def _aligned(array: np.ndarray) -> Tensor:

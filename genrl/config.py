@@ -21,6 +21,7 @@ from genrl.algos.grpo import ALGOS as IMAGE_ALGOS
 from genrl.algos.grpo import GRPOConfig
 from genrl.algos.ppo import PPOConfig
 from genrl.errors import ConfigError
+from genrl.presets import resolve_preset
 
 ALGOS = ("ppo",)
 
@@ -217,12 +218,22 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
 def config_from_dict(data: dict[str, Any]) -> TrainConfig | ImageTrainConfig:
     """Build a TrainConfig (or, for ``env = "t2i"``, an ImageTrainConfig) from nested plain data,
     rejecting unknown keys and bad types. A ``preset`` key lays that preset's values under ``data``."""
-    from genrl.presets import apply_preset
-
     data = apply_preset(data)
     if data.get("env") == "t2i":
         return _build(ImageTrainConfig, data, "")
     return _build(TrainConfig, data, "")
+
+
+def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its ``preset`` (if any, ``genrl.presets``) laid underneath: the user's values
+    win; the name is recorded as the resolved one ("paper" becomes the family's preset)."""
+    name = data.get("preset")
+    if name is None:
+        return data
+    if not isinstance(name, str):
+        raise ConfigError(f"preset must be a name, got {name!r}")
+    preset = resolve_preset(name, data)
+    return merge(merge(preset.values, data), {"preset": preset.name})
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

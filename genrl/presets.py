@@ -172,19 +172,6 @@ def resolve_preset(name: str, data: dict[str, Any]) -> Preset:
     return preset
 
 
-def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with its ``preset`` (if any) laid underneath; the name becomes the resolved one."""
-    from genrl.config import merge
-
-    name = data.get("preset")
-    if name is None:
-        return data
-    if not isinstance(name, str):
-        raise ConfigError(f"preset must be a name, got {name!r}")
-    preset = resolve_preset(name, data)
-    return merge(merge(preset.values, data), {"preset": preset.name})
-
-
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted keys: {"ppo": {"clip_coef": 0.2}} -> {"ppo.clip_coef": 0.2}."""
     out: dict[str, Any] = {}

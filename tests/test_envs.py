@@ -275,7 +275,7 @@ def test_reward_normaliser_matches_gymnasium() -> None:
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
     from gymnasium.wrappers import vector as vw
 
-    from envs.gym import NormalizeRewardSameStep
+    from envs.normalize import NormalizeRewardSameStep
 
     def mk() -> gym.Env:
         return gym.make("Pendulum-v1", max_episode_steps=60)  # several episode ends in the run

@@ -332,3 +332,32 @@ def test_half_precision_model_keeps_float32_latents_and_adapters(model_dir: Path
     m = algo.iterate()
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
     assert env.initial_noise(1).dtype == torch.float32
+
+
+def test_ema_and_zero_advantage_runs_resume_bitwise_and_export_the_ema(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from genrl.cli import main
+
+    common = ["train", "--env", "t2i", "--model", str(model_dir), "--reward", "brightness", "--no-progress", "--steps", "16",
+              "--save-every", "4", "--set", "grpo.num_steps=3", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2",
+              "--set", "grpo.lora_rank=2", "--set", "run.eval_episodes=1", "--set", "grpo.ema=true", "--set", "grpo.ema_interval=2",
+              "--set", "grpo.drop_zero_advantage=true", "--set", "grpo.updates_per_epoch=2"]  # fmt: skip
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*common, "--out", str(full)]) == 0
+    assert main([*common, "--out", str(part)]) == 0
+    for step in ("12", "16"):
+        shutil.rmtree(part / "checkpoints" / step)
+    assert main(["train", "--resume", str(part), "--no-progress"]) == 0
+    for name in ("adapter.safetensors", "trainer.safetensors"):
+        a = load_file(str(full / "checkpoints" / "16" / name))
+        b = load_file(str(part / "checkpoints" / "16" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    trainer = load_file(str(full / "checkpoints" / "16" / "trainer.safetensors"))
+    adapter = load_file(str(full / "checkpoints" / "16" / "adapter.safetensors"))
+    ema = [trainer[f"ema.{i}"] for i in range(len([k for k in trainer if k.startswith("ema.")]))]
+    assert ema and not all(torch.equal(e, a) for e, a in zip(ema, adapter.values()))  # the EMA lags the weights
+    exported = load_file(str(full / "final" / "pytorch_lora_weights.safetensors"))
+    assert sorted(t.sum().item() for t in exported.values()) == pytest.approx(sorted(e.sum().item() for e in ema), rel=1e-6)
