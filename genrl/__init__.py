@@ -1,7 +1,8 @@
 """genrl: reinforcement learning with generative policies.
 
-Python API: ``genrl.train(TrainConfig(...))``, ``genrl.evaluate``, ``genrl.plot_runs``; the
-command line ``genrl train|eval|plot`` wraps the same functions.
+Python API: ``genrl.train(TrainConfig(...))``, ``genrl.Agent.load(run)`` (a trained policy that
+acts on raw observations: ``predict``, ``evaluate``, ``save``), ``genrl.evaluate``,
+``genrl.plot_runs``; the command line ``genrl train|eval|plot|presets`` wraps the same functions.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["EnvConfig", "PPOConfig", "RunConfig", "TrainConfig", "__version__", "evaluate", "plot_runs", "train"]
+__all__ = ["Agent", "EnvConfig", "PPOConfig", "RunConfig", "TrainConfig", "__version__", "evaluate", "load", "plot_runs", "train"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import genrl` stays cheap
+    if name in ("Agent", "load"):
+        from genrl import agent
+
+        return getattr(agent, name)
     if name == "train":
         from genrl.trainer import train
 

@@ -78,8 +78,18 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def normal_permissions(folder: Path) -> None:
+    """Give every file under ``folder`` the permissions of a plain ``open`` (0666 less the umask):
+    safetensors and ``tempfile`` write 0600, which other accounts cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def publish_dir(tmp: Path, final: Path) -> Path:
     """Atomically move a fully written ``tmp`` folder to ``final`` (swapping out an older one)."""
+    normal_permissions(tmp)
     if final.exists():  # re-saving a step (e.g. after a resume): swap, then drop the old one
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
@@ -88,6 +98,20 @@ def publish_dir(tmp: Path, final: Path) -> Path:
     else:
         os.replace(tmp, final)
     return final
+
+
+def atomic_dir(final: str | Path, write: Any) -> Path:
+    """Fill a temporary sibling folder with ``write(tmp)`` and publish it as ``final`` atomically."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        return publish_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_state_json(path: Path) -> dict[str, Any]:
@@ -117,14 +141,15 @@ def read_optimizer(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"refusing or unable to load {file}: {str(exc).splitlines()[0]}") from None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
     """Read a checkpoint folder (policy excluded: use ``policies.load_pretrained(path/'policy')``).
 
-    Returns {"trainer": tensors, "optimizer": state, "env": {"arrays", "meta"}, "state": json}.
+    Returns {"trainer": tensors, "optimizer": state, "env": {"arrays", "meta"}, "state": json};
+    with ``optimizer=False`` the optimizer file is neither needed nor read ("optimizer": None).
     Raises CheckpointError on missing files, corrupt content or a foreign format.
     """
     path = Path(path)
-    missing = [f for f in _FILES if not (path / f).is_file()]
+    missing = [f for f in _FILES if not (path / f).is_file() and (optimizer or f != "optimizer.pt")]
     if missing:
         raise CheckpointError(f"{path} is not a complete genrl checkpoint (missing {', '.join(missing)})")
     state = read_state_json(path)
@@ -133,10 +158,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     trainer = read_tensors(path / "trainer.safetensors")
     shapes = state.pop("env_shapes", {})
     env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in read_tensors(path / "env.safetensors").items()}
-    optimizer = read_optimizer(path / "optimizer.pt")
     return {
         "trainer": trainer,
-        "optimizer": optimizer,
+        "optimizer": read_optimizer(path / "optimizer.pt") if optimizer else None,
         "env": {"arrays": env_arrays, "meta": state.pop("env_meta", None)},
         "state": state,
     }

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("eval", help="evaluate a run's final (or chosen) checkpoint")
-    e.add_argument("run", help="run folder")
+    e = sub.add_parser("eval", help="evaluate a run's newest (or chosen) checkpoint, or an exported agent folder")
+    e.add_argument("run", help="run folder, checkpoint folder, or exported agent folder (<run>/final)")
+    e.add_argument("--env", help="evaluate on another compatible env id (default: the training env)")
     e.add_argument("--episodes", type=int, default=10)
     e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     e.add_argument("--video", action="store_true", help="write <run>/videos/eval-<step>.mp4 of the first episode")
@@ -81,10 +82,18 @@ def _train(args: argparse.Namespace) -> int:
     from genrl.trainer import train
 
     if args.resume:
-        given = [k for k in ("env", "policy", "algo", "steps", "seed", "out", "n_envs", "config", "preset") if getattr(args, k) is not None]
+        fixed = ("env", "policy", "algo", "seed", "out", "n_envs", "config", "preset", "model", "reward", "prompts", "device")
+        given = [k for k in fixed if getattr(args, k) is not None]
         if given or args.set:
-            raise GenrlError(f"--resume takes the run's own config; drop {', '.join('--' + g.replace('_', '-') for g in given) or '--set'}")
-        run = train(resume=args.resume)
+            bad = ", ".join("--" + g.replace("_", "-") for g in given) or "--set"
+            raise GenrlError(
+                f"--resume continues the run's own config; {bad} would change the run (allowed: --steps to extend, "
+                "--save-every, --eval-every, --eval-episodes, --no-progress)"
+            )
+        overrides = {k: getattr(args, k) for k in ("save_every", "eval_every", "eval_episodes") if getattr(args, k) is not None}
+        if args.no_progress:
+            overrides["progress"] = False
+        run = train(resume=args.resume, extend_to=args.steps, overrides=overrides)
     else:
         data: dict[str, Any] = load_config_file(args.config) if args.config else {}
         image = args.env == "t2i" or data.get("env") == "t2i"
@@ -127,33 +136,20 @@ def _train(args: argparse.Namespace) -> int:
 
             check_env_id(cfg.env.env_id)
         run = train(cfg)
-    extra = ", images/, final/" if (Path(run) / "final").is_dir() else ""
-    print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png{extra})")
+    extra = ", images/" if (Path(run) / "images").is_dir() else ""
+    print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png, final/{extra})")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from genrl.checkpoint import latest_checkpoint
-    from genrl.checkpoint import load_checkpoint
-    from genrl.evaluate import evaluate
-    from genrl.trainer import load_run_config
-    from policies.base import PolicyLoadError, load_pretrained
+    from genrl.agent import Agent
 
     run = Path(args.run)
-    cfg = load_run_config(run)
-    if getattr(cfg, "env", None) == "t2i":
-        raise GenrlError(f"{run} is a text-to-image run: see {run}/images/ for its grids; load the model with genrl.image_trainer.load_finetuned('{run}')")
-    ckpt = run / "checkpoints" / str(args.step) if args.step is not None else latest_checkpoint(run)
-    data = load_checkpoint(ckpt)
-    try:
-        policy = load_pretrained(ckpt / "policy")
-    except PolicyLoadError as exc:
-        raise GenrlError(str(exc)) from None
-    arrays = data["env"]["arrays"]
-    norm = {k: arrays[f"obs_rms.{k}"] for k in ("mean", "var", "count")} if "obs_rms.mean" in arrays else None
-    video = run / "videos" / f"eval-{ckpt.name}.mp4" if args.video else None
-    res = evaluate(policy, cfg.env, norm, episodes=args.episodes, seed=args.seed, deterministic=not args.stochastic, video_path=video)
-    print(f"{cfg.env.env_id} {cfg.policy} step {ckpt.name}: return {res['eval/return_mean']:.2f} +/- {res['eval/return_std']:.2f} over {args.episodes} episodes")
+    agent = Agent.load(run, step=args.step)
+    video = run / "videos" / f"eval-{agent.step}.mp4" if args.video else None
+    res = agent.evaluate(args.env, episodes=args.episodes, seed=args.seed, deterministic=not args.stochastic, video_path=video)
+    env_id = args.env or agent.env_id
+    print(f"{env_id} {agent.family} step {agent.step}: return {res['eval/return_mean']:.2f} +/- {res['eval/return_std']:.2f} over {args.episodes} episodes")
     if video is not None:
         print(f"video: {video}")
     return 0
@@ -177,6 +173,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from genrl.runs import Interrupted
+
     args = build_parser().parse_args(argv)
     handlers = {"train": _train, "eval": _eval, "plot": _plot, "presets": _presets}
     try:
@@ -186,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"genrl: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"genrl: stopped by {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("genrl: interrupted; the newest complete checkpoint is intact", file=sys.stderr)
+        print("genrl: interrupted; checkpoints already written are intact (genrl train --resume RUN continues from the newest)", file=sys.stderr)
         return 130
 
 

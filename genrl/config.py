@@ -56,9 +56,15 @@ class RunConfig:
     total_steps: int = 1_000_000
     """Environment steps (summed over envs); rounded up to whole iterations."""
     seed: int = 1
-    out: str = "runs/run"
-    save_every: int = 0
-    """Write a checkpoint every this many env steps (0: only at the end)."""
+    out: str | None = None
+    """Run folder; default: a new ``runs/<env>__<policy or algo>__<seed>__<time>``."""
+    save_every: int | None = None
+    """Write a checkpoint every this many env steps (t2i: images); default: a tenth of the run;
+    0: only at the end (and on SIGINT / SIGTERM)."""
+    save_minutes: float = 30.0
+    """Also write a checkpoint when this many minutes passed since the last one (0: off)."""
+    keep_checkpoints: int = 5
+    """Keep the newest N checkpoints (0: keep all); the final one is always the newest."""
     eval_every: int = 0
     """Evaluate every this many env steps (0: only at the end)."""
     eval_episodes: int = 10
@@ -71,8 +77,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.total_steps < 1:
             raise ConfigError(f"invalid run.total_steps = {self.total_steps} (must be >= 1)")
-        if self.save_every < 0 or self.eval_every < 0:
-            raise ConfigError("run.save_every and run.eval_every must be >= 0")
+        if self.seed < 0 or self.seed >= 2**63:
+            raise ConfigError(f"invalid run.seed = {self.seed} (must be in [0, 2^63))")
+        if self.out is not None and (not isinstance(self.out, str) or not self.out.strip()):
+            raise ConfigError(f"invalid run.out = {self.out!r} (a folder path)")
+        if self.save_every is not None and (not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0):
+            raise ConfigError(f"invalid run.save_every = {self.save_every!r} (an integer >= 0)")
+        if self.eval_every < 0:
+            raise ConfigError("run.eval_every must be >= 0")
+        if not (math.isfinite(self.save_minutes) and self.save_minutes >= 0) or self.keep_checkpoints < 0:
+            raise ConfigError("run.save_minutes and run.keep_checkpoints must be >= 0")
         if self.eval_episodes < 1:
             raise ConfigError(f"invalid run.eval_episodes = {self.eval_episodes} (must be >= 1)")
         if self.torch_threads < 1:
@@ -145,7 +159,7 @@ class ImageTrainConfig:
     """Model weights' dtype: "float32", or "bfloat16" / "float16" for large models on a GPU
     (latents, SDE log-probs and LoRA weights stay float32)."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(total_steps=2048, out="runs/t2i", eval_episodes=4))
+    run: RunConfig = field(default_factory=lambda: RunConfig(total_steps=2048, eval_episodes=4))
     preset: str | None = None
     """The preset laid under this config (``genrl.presets``), recorded for reference."""
 

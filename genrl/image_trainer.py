@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ import torch
 from safetensors.torch import save_file
 
 from genrl.algos.grpo import GRPO
-from genrl.checkpoint import publish_dir, read_optimizer, read_state_json, read_tensors
+from genrl.checkpoint import normal_permissions, publish_dir, read_optimizer, read_state_json, read_tensors
 from genrl.config import ImageTrainConfig
 from genrl.errors import CheckpointError
 from genrl.logger import Logger
 from genrl.plot import plot_runs
+from genrl.runs import CheckpointSchedule, Interrupted, StopSignals, crossed, guarded_iterate, open_run, restore_first_readable, seed_everything, write_meta
 
 FORMAT_VERSION = 1
 _FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json")
@@ -32,7 +34,6 @@ _FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.j
 def build_image(cfg: ImageTrainConfig) -> GRPO:
     """Seed, load the pipeline and rewards, wrap the transformer as a policy, build the algorithm."""
     from envs.t2i import TextToImageEnv
-    from genrl.trainer import seed_everything
     from policies.t2i import FlowImagePolicy, LoraSpec
 
     seed_everything(cfg.run.seed)
@@ -143,47 +144,56 @@ def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -
 
 def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Train (or resume) a text-to-image run and return its folder."""
-    from genrl.trainer import open_run
-
-    opened, run_dir, ckpt = open_run(cfg, resume)
+    opened, run_dir, candidates = open_run(cfg, resume)
     if not isinstance(opened, ImageTrainConfig):
         raise CheckpointError(f"{run_dir} is not a text-to-image run")
-    return run_image(opened, run_dir, ckpt)
+    return run_image(opened, run_dir, candidates)
 
 
-def run_image(cfg: ImageTrainConfig, run_dir: Path, ckpt: Path | None) -> Path:
-    """The run loop for an opened run folder (``ckpt`` None: a fresh run)."""
-    from genrl.trainer import _crossed, guarded_iterate
-
+def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> Path:
+    """The run loop for an opened run folder (``candidates`` empty: a fresh run)."""
     torch.set_num_threads(cfg.run.torch_threads)
     algo = build_image(cfg)  # validates model, prompts and rewards before the run folder is touched
-    if ckpt is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
-    else:
-        restore_image_state(algo, cfg, ckpt)
+    messages: list[str] = []
+    if candidates:
+        restore_first_readable(candidates, lambda ckpt: restore_image_state(algo, cfg, ckpt), messages.append)
     total = algo.n_iterations * algo.images_per_iter
-    logger = Logger(run_dir, total, resume_step=algo.global_step if ckpt is not None else None, progress=cfg.run.progress)
-    if ckpt is None:
+    if total != cfg.run.total_steps:
+        messages.append(f"total images {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.images_per_iter}")
+        cfg = replace(cfg, run=replace(cfg.run, total_steps=total))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    write_meta(run_dir, resumed=bool(candidates))
+    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress)
+    for m in messages:
+        logger.message(m)
+    if not candidates:
         logger.hparams(cfg.to_dict())
+        logger.message(f"fine-tuning {cfg.model} with {cfg.algo}, seed {cfg.run.seed}, into {run_dir}")
         logger.log(evaluate_grid(algo, cfg, run_dir, 0), 0)  # the "before" grid and rewards
     else:
-        logger.message(f"resuming {run_dir} from image {algo.global_step}")
+        logger.message(f"resuming {run_dir} from image {algo.global_step} of {total}")
+    schedule = CheckpointSchedule(cfg.run, total, algo.images_per_iter)
     try:
-        while algo.iteration < algo.n_iterations:
-            prev = algo.global_step
-            metrics = guarded_iterate(algo, run_dir)
-            step = algo.global_step
-            final = algo.iteration == algo.n_iterations
-            if final or _crossed(prev, step, cfg.run.eval_every):
-                metrics.update(evaluate_grid(algo, cfg, run_dir, step))
-            logger.log(metrics, step)
-            if final or _crossed(prev, step, cfg.run.save_every):
-                save_image_state(algo, cfg, run_dir)
+        with StopSignals(logger.message) as stop:
+            while algo.iteration < algo.n_iterations:
+                prev = algo.global_step
+                metrics = guarded_iterate(algo, run_dir)
+                step = algo.global_step
+                final = algo.iteration == algo.n_iterations
+                if final or crossed(prev, step, cfg.run.eval_every):
+                    metrics.update(evaluate_grid(algo, cfg, run_dir, step))
+                logger.log(metrics, step)
+                if schedule.due(prev, step, final) or stop.requested:
+                    save_image_state(algo, cfg, run_dir)
+                    schedule.saved(run_dir)
+                if stop.requested and not final:
+                    raise Interrupted(f"{stop.requested} at image {step}: checkpoint written; continue with genrl train --resume {run_dir}")
     finally:
         logger.close()
     with algo.ema_weights():  # the EMA weights when grpo.ema is on (Flow-GRPO saves those)
         export_model(algo, cfg, run_dir / "final")
+    normal_permissions(run_dir / "final")
     plot_runs([run_dir], run_dir / "curves.png")
     return run_dir
 

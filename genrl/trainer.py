@@ -6,8 +6,7 @@ evaluation and checkpoints, exact resume and the non-finite-loss guard.
 
 from __future__ import annotations
 
-import json
-import random
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +15,14 @@ import torch
 
 from envs import make_env
 from genrl.algos.ppo import PPO
-from genrl.checkpoint import checkpoint_steps, latest_checkpoint, load_checkpoint, save_checkpoint
-from genrl.config import TrainConfig, config_from_dict
-from genrl.errors import CheckpointError, ConfigError, NonFiniteLossError
+from genrl.checkpoint import load_checkpoint, save_checkpoint
+from genrl.config import TrainConfig
+from genrl.errors import CheckpointError, ConfigError
+from genrl.runs import (
+    CheckpointSchedule, Interrupted, StopSignals, crossed, guarded_iterate, open_run, restore_first_readable,
+    seed_everything, write_meta,
+)  # fmt: skip
+from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.trainer.load_run_config
 from genrl.evaluate import evaluate
 from genrl.logger import Logger
 from genrl.plot import plot_runs
@@ -26,12 +30,6 @@ from policies.base import PolicyLoadError, load_pretrained, resolve_family
 
 if TYPE_CHECKING:
     from genrl.config import ImageTrainConfig
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def build(cfg: TrainConfig) -> PPO:
@@ -66,17 +64,6 @@ def build(cfg: TrainConfig) -> PPO:
     except BaseException:
         env.close()
         raise
-
-
-def load_run_config(run_dir: str | Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir} is not a genrl run (no config.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"corrupt {path}: {exc}") from None
-    return config_from_dict(data)
 
 
 def save_state(algo: PPO, cfg: TrainConfig, run_dir: Path) -> Path:
@@ -147,80 +134,127 @@ def _set_np_state(s: dict[str, Any]) -> None:
     np.random.set_state((s["name"], np.array(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached"]))
 
 
-def _crossed(prev: int, now: int, every: int) -> bool:
-    return every > 0 and now // every > prev // every
-
-
-def open_run(cfg: Any, resume: str | Path | None) -> tuple[Any, Path, Path | None]:
-    """``(config, run folder, checkpoint to resume or None)``: a resumed run's own config, or a
-    fresh run whose folder must not already hold one."""
-    if resume is not None:
-        run_dir = Path(resume)
-        return load_run_config(run_dir), run_dir, latest_checkpoint(run_dir)
-    if cfg is None:
-        raise ConfigError("train() needs a config or resume=")
-    run_dir = Path(cfg.run.out)
-    if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
-        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
-    return cfg, run_dir, None
-
-
-def guarded_iterate(algo: Any, run_dir: Path) -> dict[str, float]:
-    """``algo.iterate()``; a non-finite loss stops the run naming the last good checkpoint."""
-    try:
-        return algo.iterate()
-    except NonFiniteLossError as exc:
-        last = checkpoint_steps(run_dir)
-        kept = f"; last good checkpoint: step {last[-1]}" if last else "; no checkpoint was written yet"
-        raise NonFiniteLossError(f"{exc}{kept}") from None
-
-
-def train(cfg: TrainConfig | ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
+def train(
+    cfg: TrainConfig | ImageTrainConfig | None = None, *, resume: str | Path | None = None, extend_to: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
     """Train (or resume) a run and return its folder.
 
     Args:
         cfg: the run's configuration (ignored when resuming: the run's own config.json is used).
-        resume: a run folder; training continues from its newest complete checkpoint up to the
+        resume: a run folder; training continues from its newest readable checkpoint up to the
             run's own total steps, reproducing an uninterrupted run bitwise on CPU.
+        extend_to: with ``resume``, raise the run's total steps to this (recorded in config.json).
+        overrides: with ``resume``, ``run`` fields that do not change the trajectory
+            (save_every, save_minutes, keep_checkpoints, eval_every, eval_episodes, progress).
     Raises:
-        ConfigError, CheckpointError, NonFiniteLossError (earlier checkpoints are left intact).
+        ConfigError, CheckpointError, NonFiniteLossError (earlier checkpoints are left intact),
+        Interrupted (SIGINT / SIGTERM: a checkpoint of the last whole iteration was written).
     """
     from genrl.config import ImageTrainConfig
 
-    cfg, run_dir, ckpt = open_run(cfg, resume)
+    cfg, run_dir, candidates = open_run(cfg, resume)
+    cfg = apply_resume_changes(cfg, extend_to, overrides)
+    check_device(cfg.run.device)
     if isinstance(cfg, ImageTrainConfig):
         from genrl.image_trainer import run_image
 
-        return run_image(cfg, run_dir, ckpt)
+        return run_image(cfg, run_dir, candidates)
     torch.set_num_threads(cfg.run.torch_threads)
     algo = build(cfg)  # validates everything before the run folder is touched
-    if ckpt is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
-    else:
-        restore_state(algo, cfg, ckpt)
+    messages: list[str] = []
+    if candidates:
+        def restore(ckpt: Path) -> PPO:
+            fresh = build(cfg) if restore.used else algo  # type: ignore[attr-defined]
+            restore.used = True  # type: ignore[attr-defined]
+            try:
+                restore_state(fresh, cfg, ckpt)
+            except BaseException:
+                fresh.env.close()
+                raise
+            return fresh
+
+        restore.used = False  # type: ignore[attr-defined]
+        algo = restore_first_readable(candidates, restore, messages.append)
     total = algo.n_iterations * algo.steps_per_iter
-    logger = Logger(run_dir, total, resume_step=algo.global_step if ckpt is not None else None, progress=cfg.run.progress)
-    if ckpt is None:
+    if total != cfg.run.total_steps:
+        messages.append(f"total steps {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.steps_per_iter} (n_steps x n_envs)")
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, total_steps=total))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    write_meta(run_dir, resumed=bool(candidates))
+    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress)
+    for m in messages:
+        logger.message(m)
+    if not candidates:
         logger.hparams(cfg.to_dict())
+        logger.message(f"training {cfg.env.env_id} with {cfg.policy}, seed {cfg.run.seed}, into {run_dir}")
     else:
-        logger.message(f"resuming {run_dir} from step {algo.global_step}")
+        logger.message(f"resuming {run_dir} from step {algo.global_step} of {total}")
     eval_seed = cfg.run.seed + 10_000
+    schedule = CheckpointSchedule(cfg.run, total, algo.steps_per_iter)
+    metrics: dict[str, float] = {}
     try:
-        while algo.iteration < algo.n_iterations:
-            prev = algo.global_step
-            metrics = guarded_iterate(algo, run_dir)
-            step = algo.global_step
-            final = algo.iteration == algo.n_iterations
-            if final or _crossed(prev, step, cfg.run.eval_every):
-                metrics.update(
-                    evaluate(algo.policy, cfg.env, algo.env.obs_normalizer_state(), episodes=cfg.run.eval_episodes, seed=eval_seed)
-                )
-            logger.log(metrics, step)
-            if final or _crossed(prev, step, cfg.run.save_every):
-                save_state(algo, cfg, run_dir)
+        with StopSignals(logger.message) as stop:
+            while algo.iteration < algo.n_iterations:
+                prev = algo.global_step
+                metrics = guarded_iterate(algo, run_dir)
+                step = algo.global_step
+                final = algo.iteration == algo.n_iterations
+                if final or crossed(prev, step, cfg.run.eval_every):
+                    metrics.update(
+                        evaluate(algo.policy, cfg.env, algo.env.obs_normalizer_state(), episodes=cfg.run.eval_episodes, seed=eval_seed)
+                    )
+                logger.log(metrics, step)
+                if schedule.due(prev, step, final) or stop.requested:
+                    save_state(algo, cfg, run_dir)
+                    schedule.saved(run_dir)
+                if stop.requested and not final:
+                    raise Interrupted(f"{stop.requested} at step {step}: checkpoint written; continue with genrl train --resume {run_dir}")
     finally:
         logger.close()
         algo.env.close()
+    export_agent(algo, cfg, run_dir / "final")
     plot_runs([run_dir], run_dir / "curves.png")
+    if "eval/return_mean" in metrics:
+        print(f"final evaluation: return {metrics['eval/return_mean']:.2f} +/- {metrics['eval/return_std']:.2f} "
+              f"over {cfg.run.eval_episodes} episodes; logs: tensorboard --logdir {run_dir / 'tb'}")  # fmt: skip
     return run_dir
+
+
+RESUME_RUN_FIELDS = ("save_every", "save_minutes", "keep_checkpoints", "eval_every", "eval_episodes", "progress")
+
+
+def apply_resume_changes(cfg: Any, extend_to: int | None, overrides: dict[str, Any] | None) -> Any:
+    """A resumed run's config with ``--steps`` (extension) and run-only overrides applied."""
+    changes = dict(overrides or {})
+    bad = [k for k in changes if k not in RESUME_RUN_FIELDS]
+    if bad:
+        raise ConfigError(f"on --resume only run.{{{', '.join(RESUME_RUN_FIELDS)}}} may change, not {bad[0]}")
+    if extend_to is not None:
+        if extend_to < cfg.run.total_steps:
+            raise ConfigError(f"--steps {extend_to} is below the run's total {cfg.run.total_steps}; a run can only be extended")
+        changes["total_steps"] = extend_to
+    if not changes:
+        return cfg
+    from genrl.config import config_from_dict, merge
+
+    return config_from_dict(merge(cfg.to_dict(), {"run": changes}))
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device = {device!r} but this torch build has no usable CUDA device (use --device cpu)")
+
+
+def export_agent(algo: PPO, cfg: TrainConfig, out: Path) -> Path:
+    """The trained policy with its observation normaliser and action bounds (``genrl.agent``)."""
+    from genrl.agent import Agent
+
+    spec = algo.env.spec
+    agent = Agent(algo.policy, env_id=cfg.env.env_id, obs_normalizer=algo.env.obs_normalizer_state(), clip_obs=cfg.env.clip_obs,
+                  action_low=spec.action_low, action_high=spec.action_high, step=algo.global_step)  # fmt: skip
+    try:
+        return agent.save(out)
+    finally:
+        algo.policy.train()

@@ -259,15 +259,28 @@ def test_damaged_checkpoint_is_refused(base_run: Path, tmp_path: Path, mutate, p
         load_checkpoint(ckpt)
 
 
-def test_damaged_checkpoint_is_refused_by_cli_resume(base_run: Path, tmp_path: Path, capsys) -> None:
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(base_run: Path, tmp_path: Path, capsys) -> None:
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     shutil.rmtree(run / "checkpoints" / "2048")
     _truncate_trainer(run / "checkpoints" / "1536")
     capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"skipped an unreadable checkpoint: corrupt .*1536/trainer\.safetensors", out)
+    assert "newest good checkpoint, step 1024" in out
+    for name in ("trainer.safetensors", "policy/model.safetensors", "env.safetensors"):  # still the same run
+        assert_same_tensors(base_run / "checkpoints" / "2048" / name, run / "checkpoints" / "2048" / name)
+
+
+def test_resume_with_every_checkpoint_damaged_exits_2(base_run: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    for step in checkpoint_steps(run):
+        _truncate_trainer(run / "checkpoints" / str(step))
+    capsys.readouterr()
     assert cli.main(["train", "--resume", str(run), "--no-progress"]) == 2
-    assert re.search(r"corrupt .*trainer\.safetensors", error_line(capsys))
-    assert checkpoint_steps(run) == [512, 1024, 1536]
+    assert re.search(r"no readable checkpoint.*corrupt .*trainer\.safetensors", error_line(capsys))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,8 +307,16 @@ def test_resume_rejects_foreign_family(base_run: Path, tmp_path: Path) -> None:
     state_path.write_text(json.dumps(state))
     assert json.loads((run / "config.json").read_text())["policy"] == "gaussian"
     with pytest.raises(CheckpointError, match=r"pmoe/ppo run, the config says gaussian/ppo"):
-        train(resume=run)
-    assert checkpoint_steps(run) == [512, 1024, 1536]
+        from genrl.trainer import build, restore_state
+        from genrl.trainer import load_run_config as load_cfg
+
+        cfg = load_cfg(run)
+        restore_state(build(cfg), cfg, run / "checkpoints" / "1536")
+    # resuming the run skips that checkpoint and continues from the newest good one
+    train(resume=run)
+    assert checkpoint_steps(run)[-1] == 2048
+    for name in ("trainer.safetensors", "policy/model.safetensors"):
+        assert_same_tensors(base_run / "checkpoints" / "2048" / name, run / "checkpoints" / "2048" / name)
 
 
 def test_new_run_into_existing_run_folder_is_refused(base_run: Path, tmp_path: Path, capsys) -> None:

@@ -96,7 +96,7 @@ def test_train_writes_run_folder(tmp_path: Path, policy: str, capsys) -> None:
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
 
-    assert checkpoint_steps(out) == [512]
+    assert checkpoint_steps(out) == [256, 512]  # periodic by default: a tenth of the run, at least one iteration
     data = load_checkpoint(out / "checkpoints" / "512")
     assert data["state"]["family"] == policy
     assert json.loads((out / "checkpoints" / "512" / "policy" / "config.json").read_text())["family"] == policy
