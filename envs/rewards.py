@@ -39,14 +39,21 @@ class RewardError(ValueError):
     """An unknown or unusable reward."""
 
 
-def register_reward(name: str) -> Callable:
-    """Decorator: ``@register_reward("mine") def factory(arg, device) -> RewardFn``."""
+def register_reward(name: str, *, takes_arg: bool = False) -> Callable:
+    """Decorator: ``@register_reward("mine") def factory(arg, device) -> RewardFn``; with
+    ``takes_arg`` the reward is written ``mine:ARG`` (e.g. ``clip:DIR``), otherwise an argument
+    is refused (``digit:1`` is almost always a mistyped weight, ``digit=1``)."""
 
     def deco(factory: Callable[[str | None, str], RewardFn]) -> Callable[[str | None, str], RewardFn]:
         REWARDS[name] = factory
+        if takes_arg:
+            _TAKES_ARG.add(name)
         return factory
 
     return deco
+
+
+_TAKES_ARG: set[str] = set()
 
 
 def parse_reward_spec(spec: str | dict[str, float] | list[str]) -> dict[str, float]:
@@ -76,6 +83,10 @@ def make_reward(name: str, device: str = "cpu") -> RewardFn:
     """Build the reward called ``name`` (see the module docstring for the forms)."""
     key, _, arg = name.partition(":")
     if key in REWARDS:
+        if arg and key not in _TAKES_ARG:
+            raise RewardError(f"reward '{name}': '{key}' takes no ':' argument; weights are written {key}={arg}")
+        if not arg and key in _TAKES_ARG:
+            raise RewardError(f"reward '{key}' needs an argument: {key}:ARG")
         return REWARDS[key](arg or None, device)
     if arg and (key.endswith(".py") or "/" in key):
         return _from_file(Path(key), arg)
@@ -185,7 +196,7 @@ def _brightness(arg: str | None, device: str) -> RewardFn:
     return lambda images, prompts: images.detach().float().mean(dim=(1, 2, 3)).cpu()
 
 
-@register_reward("clip")
+@register_reward("clip", takes_arg=True)
 def _clip(arg: str | None, device: str) -> RewardFn:
     """CLIP-style prompt-image score from a local folder (e.g. PickScore's or any CLIP's weights)."""
     if not arg:

@@ -82,6 +82,10 @@ def load_pipeline(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
         raise EnvError(f"{path} holds a {cls_name}; supported pipelines: {', '.join(SUPPORTED_PIPELINES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()  # loading bars and processor notices drown genrl's own lines
+    transformers.utils.logging.set_verbosity_error()
 
     missing = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
     try:

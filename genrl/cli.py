@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", action="store_true", help="write <run>/videos/eval-<step>.mp4 of the first episode")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic mode")
+    e.add_argument("--seeds", type=int, default=4, help="text-to-image runs: fixed seeds per prompt in the grid (default 4)")
+
+    sm = sub.add_parser("sample", help="text-to-image runs: a labelled grid for your own prompts")
+    sm.add_argument("run", help="a --env t2i run folder")
+    sm.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for more rows)")
+    sm.add_argument("--seeds", type=int, default=4, help="images per prompt, seeds 0..N-1 (default 4)")
+    sm.add_argument("--step", type=int, help="checkpoint step (default: newest)")
+    sm.add_argument("-o", "--out", help="PNG path (default: <run>/images/eval-<step>.png)")
 
     pr = sub.add_parser("presets", help="print every preset (each method's paper / reference-code settings) in full")
     pr.add_argument("name", nargs="?", help="only this preset")
@@ -141,10 +149,36 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_image_run(run: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((run / "config.json").read_text()).get("env") == "t2i"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _eval_image(args: argparse.Namespace, prompts: list[str] | None = None, out: str | None = None) -> int:
+    from genrl.image_trainer import evaluate_run
+
+    path, res = evaluate_run(args.run, step=args.step, seeds=args.seeds, prompts=prompts, out=out)
+    print(" ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    print(f"grid: {path}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    if not _is_image_run(Path(args.run)):
+        raise GenrlError(f"{args.run} is not a text-to-image run (genrl sample draws images of --env t2i runs)")
+    return _eval_image(args, prompts=args.prompt, out=args.out)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from genrl.agent import Agent
 
     run = Path(args.run)
+    if _is_image_run(run):
+        return _eval_image(args)
     agent = Agent.load(run, step=args.step)
     video = run / "videos" / f"eval-{agent.step}.mp4" if args.video else None
     res = agent.evaluate(args.env, episodes=args.episodes, seed=args.seed, deterministic=not args.stochastic, video_path=video)
@@ -176,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from genrl.runs import Interrupted
 
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "plot": _plot, "presets": _presets}
+    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets}
     try:
         return handlers[args.command](args)
     except (GenrlError, ValueError, FileNotFoundError, TypeError) as exc:

@@ -31,15 +31,22 @@ FORMAT_VERSION = 1
 _FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json")
 
 
-def build_image(cfg: ImageTrainConfig) -> GRPO:
-    """Seed, load the pipeline and rewards, wrap the transformer as a policy, build the algorithm."""
+def build_image(cfg: ImageTrainConfig, run_dir: Path | None = None) -> GRPO:
+    """Seed, load the pipeline and rewards, wrap the transformer as a policy, build the algorithm.
+
+    A run folder's own copy of the prompts (``prompts.json``, written when the run started) wins
+    over ``cfg.prompts``, so an edited prompts file cannot change a resumed run.
+    """
     from envs.t2i import TextToImageEnv
     from policies.t2i import FlowImagePolicy, LoraSpec
 
     seed_everything(cfg.run.seed)
     g = cfg.grpo
+    prompts = cfg.prompts
+    if run_dir is not None and (run_dir / "prompts.json").is_file():
+        prompts = str(run_dir / "prompts.json")
     env = TextToImageEnv(
-        cfg.model, prompts=cfg.prompts, rewards=cfg.reward, resolution=g.resolution,
+        cfg.model, prompts=prompts, rewards=cfg.reward, resolution=g.resolution,
         guidance_scale=g.guidance_scale, device=cfg.run.device, dtype=getattr(torch, cfg.dtype),
     )  # fmt: skip
     policy = FlowImagePolicy(
@@ -90,6 +97,25 @@ def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
     torch.set_rng_state(trainer["torch_global"])
 
 
+def pin_paths(cfg: ImageTrainConfig) -> ImageTrainConfig:
+    """The model folder and reward files as absolute paths, so the run resumes from any folder."""
+
+    def absolute(text: str) -> str:
+        return str(Path(text).expanduser().resolve()) if Path(text).expanduser().exists() else text
+
+    items = []
+    for item in cfg.reward.split(","):
+        head, eq, weight = item.partition("=")
+        key, colon, arg = head.partition(":")
+        if colon and key == "clip":
+            head = f"clip:{absolute(arg)}"
+        elif colon and key.endswith(".py"):
+            head = f"{absolute(key)}:{arg}"
+        items.append(head + eq + weight)
+    model = cfg.model if cfg.model == "digits" else absolute(cfg.model)
+    return replace(cfg, model=model, reward=",".join(items))
+
+
 def export_model(algo: GRPO, cfg: ImageTrainConfig, out: Path) -> Path:
     """Write the fine-tuned model so that diffusers loads it (LoRA file, or the full pipeline)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +126,8 @@ def export_model(algo: GRPO, cfg: ImageTrainConfig, out: Path) -> Path:
         type(pipe).save_lora_weights(
             str(out), transformer_lora_layers=algo.policy.adapter_state_dict(), safe_serialization=True, transformer_lora_adapter_metadata=meta
         )
-        base = str(algo.env.model_dir) if algo.env.model_dir is not None else None
+        # the base model by name only ("digits", or the model folder's name): no path of this machine
+        base = "digits" if cfg.model == "digits" else (algo.env.model_dir.name if algo.env.model_dir is not None else None)
         (out / "genrl_model.json").write_text(json.dumps({"base_model": base, "lora": "pytorch_lora_weights.safetensors"}, indent=2))
     else:
         pipe.save_pretrained(str(out), safe_serialization=True)
@@ -109,9 +136,11 @@ def export_model(algo: GRPO, cfg: ImageTrainConfig, out: Path) -> Path:
     return out
 
 
-def save_grid(images: torch.Tensor, rows: int, path: Path, min_size: int = 64) -> Path:
-    """A PNG grid of (rows * cols, C, H, W) images in [0, 1], upscaled (nearest) to >= min_size px."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, rows: int, path: Path, min_size: int = 96, labels: list[str] | None = None,
+              title: str | None = None) -> Path:  # fmt: skip
+    """A PNG grid of (rows * cols, C, H, W) images in [0, 1], upscaled (nearest) to >= min_size px,
+    with an optional label left of each row (the prompts) and a title line above."""
+    from PIL import Image, ImageDraw
 
     n, c, h, w = images.shape
     cols = n // rows
@@ -125,9 +154,65 @@ def save_grid(images: torch.Tensor, rows: int, path: Path, min_size: int = 64) -
         r, col = divmod(i, cols)
         canvas[:, pad + r * H : pad + r * H + h * scale, pad + col * W : pad + col * W + w * scale] = arr[i]
     img = canvas.permute(1, 2, 0).numpy()
+    grid = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
+    left = 8 + 7 * max((len(t) for t in labels), default=0) if labels else 0
+    top = 20 if title else 0
+    out = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    out.paste(grid, (left, top))
+    draw = ImageDraw.Draw(out)
+    if title:
+        draw.text((4, 4), title, fill="black")
+    for r, text in enumerate(labels or []):
+        draw.text((4, top + pad + r * H + (H - 10) // 2), text, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img[..., 0] if c == 1 else img).save(path)
+    out.save(path)
     return path
+
+
+def before_after(run_dir: Path, step: int) -> Path | None:
+    """``images/before-after-<step>.png``: the base model's grid and the step's grid side by side."""
+    from PIL import Image
+
+    before, after = run_dir / "images" / "grid-0.png", run_dir / "images" / f"grid-{step}.png"
+    if not (before.is_file() and after.is_file()):
+        return None
+    a, b = Image.open(before), Image.open(after)
+    out = Image.new("RGB", (a.width + b.width + 12, max(a.height, b.height)), "white")
+    out.paste(a, (0, 0))
+    out.paste(b, (a.width + 12, 0))
+    path = run_dir / "images" / f"before-after-{step}.png"
+    out.save(path)
+    return path
+
+
+def model_card(cfg: ImageTrainConfig, run_dir: Path, step: int, metrics: dict[str, float]) -> Path:
+    """``final/README.md``: base model, algorithm, reward, budget, evaluation and a sample grid."""
+    final = run_dir / "final"
+    grid = run_dir / "images" / f"grid-{step}.png"
+    if grid.is_file():
+        shutil.copy(grid, final / "sample.png")
+    base = "digits (genrl's shipped digits model)" if cfg.model == "digits" else Path(cfg.model).name
+    evals = "\n".join(f"- {k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("eval/"))
+    kind = "LoRA (rank {}, alpha {})".format(cfg.grpo.lora_rank, cfg.grpo.lora_alpha) if cfg.grpo.finetune == "lora" else "full fine-tuning"
+    text = f"""---
+library_name: diffusers
+base_model: {base}
+tags: [genrl, {cfg.algo}, text-to-image, reinforcement-learning]
+---
+
+# {cfg.algo} fine-tune of {base}
+
+Trained with genrl ({kind}) for {step} scored images, reward `{cfg.reward}`, seed {cfg.run.seed}.
+Full settings: the run's `config.json`; learning curves: `curves.png` beside this folder.
+
+## Evaluation (ODE sampling, fixed prompts and seeds)
+
+{evals or "- (none)"}
+
+![sample](sample.png)
+"""
+    (final / "README.md").write_text(text)
+    return final / "README.md"
 
 
 def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -> dict[str, float]:
@@ -135,7 +220,8 @@ def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -
     prompts = algo.env.prompts[:10]
     seeds = list(range(cfg.run.eval_episodes))
     images = algo.generate(prompts, seeds)
-    save_grid(images, len(prompts), run_dir / "images" / f"grid-{step}.png")
+    title = "base model" if step == 0 else f"{cfg.algo}, {step} images" + (" (EMA)" if cfg.grpo.ema else "")
+    save_grid(images, len(prompts), run_dir / "images" / f"grid-{step}.png", labels=prompts, title=title)
     scores = algo.env.score(images, [p for p in prompts for _ in seeds])
     out = {f"eval/reward_{k}": float(v.mean()) for k, v in scores.items()}
     out["eval/reward_total"] = float(algo.env.rewards.total(scores).mean())
@@ -153,8 +239,10 @@ def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | Non
 def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> Path:
     """The run loop for an opened run folder (``candidates`` empty: a fresh run)."""
     torch.set_num_threads(cfg.run.torch_threads)
-    algo = build_image(cfg)  # validates model, prompts and rewards before the run folder is touched
+    algo = build_image(cfg, run_dir if candidates else None)  # validates model, prompts and rewards first
     messages: list[str] = []
+    if not candidates:
+        cfg = pin_paths(cfg)
     if candidates:
         restore_first_readable(candidates, lambda ckpt: restore_image_state(algo, cfg, ckpt), messages.append)
     total = algo.n_iterations * algo.images_per_iter
@@ -162,6 +250,8 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> P
         messages.append(f"total images {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.images_per_iter}")
         cfg = replace(cfg, run=replace(cfg.run, total_steps=total))
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not candidates:  # the run keeps its own prompts: an edited file cannot change a resume
+        (run_dir / "prompts.json").write_text(json.dumps(algo.env.prompts, indent=1))
     cfg.save(run_dir / "config.json")
     write_meta(run_dir, resumed=bool(candidates))
     logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress)
@@ -174,6 +264,7 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> P
     else:
         logger.message(f"resuming {run_dir} from image {algo.global_step} of {total}")
     schedule = CheckpointSchedule(cfg.run, total, algo.images_per_iter)
+    last: dict[str, float] = {}
     try:
         with StopSignals(logger.message) as stop:
             while algo.iteration < algo.n_iterations:
@@ -183,6 +274,7 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> P
                 final = algo.iteration == algo.n_iterations
                 if final or crossed(prev, step, cfg.run.eval_every):
                     metrics.update(evaluate_grid(algo, cfg, run_dir, step))
+                    last = metrics
                 logger.log(metrics, step)
                 if schedule.due(prev, step, final) or stop.requested:
                     save_image_state(algo, cfg, run_dir)
@@ -193,9 +285,39 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> P
         logger.close()
     with algo.ema_weights():  # the EMA weights when grpo.ema is on (Flow-GRPO saves those)
         export_model(algo, cfg, run_dir / "final")
+    model_card(cfg, run_dir, algo.global_step, last)
+    before_after(run_dir, algo.global_step)
     normal_permissions(run_dir / "final")
     plot_runs([run_dir], run_dir / "curves.png")
     return run_dir
+
+
+def evaluate_run(run: str | Path, *, step: int | None = None, seeds: int = 4, prompts: list[str] | None = None,
+                 out: str | Path | None = None) -> tuple[Path, dict[str, float]]:  # fmt: skip
+    """ODE images of a text-to-image run's checkpoint (newest, or ``step``; the EMA weights when
+    the run keeps them) for ``prompts`` (default: the run's first 10) x ``seeds`` fixed seeds:
+    a labelled grid (``out``, default ``<run>/images/eval-<step>.png``) and the run's rewards."""
+    from genrl.checkpoint import checkpoint_steps, latest_checkpoint
+    from genrl.runs import load_run_config
+
+    run = Path(run)
+    cfg = load_run_config(run)
+    if not isinstance(cfg, ImageTrainConfig):
+        raise CheckpointError(f"{run} is not a text-to-image run")
+    ckpt = run / "checkpoints" / str(step) if step is not None else latest_checkpoint(run)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{run} has no checkpoint at step {step}; steps: {checkpoint_steps(run)}")
+    torch.set_num_threads(cfg.run.torch_threads)
+    algo = build_image(cfg, run)
+    restore_image_state(algo, cfg, ckpt)
+    prompts = prompts or algo.env.prompts[:10]
+    images = algo.generate(prompts, list(range(seeds)))
+    path = Path(out) if out is not None else run / "images" / f"eval-{ckpt.name}.png"
+    save_grid(images, len(prompts), path, labels=prompts, title=f"{cfg.algo}, step {ckpt.name}" + (" (EMA)" if cfg.grpo.ema else ""))
+    scores = algo.env.score(images, [p for p in prompts for _ in range(seeds)])
+    result = {f"reward_{k}": float(v.mean()) for k, v in scores.items()}
+    result["reward_total"] = float(algo.env.rewards.total(scores).mean())
+    return path, result
 
 
 def load_finetuned(run_or_final: str | Path, base_model: str | Path | None = None) -> Any:
@@ -203,7 +325,10 @@ def load_finetuned(run_or_final: str | Path, base_model: str | Path | None = Non
     from envs.t2i import load_pipeline
 
     final = Path(run_or_final)
+    run_model = None
     if (final / "final").is_dir():
+        if (final / "config.json").is_file():  # a run folder knows its base model's full path
+            run_model = json.loads((final / "config.json").read_text()).get("model")
         final = final / "final"
     if (final / "model_index.json").is_file():
         return load_pipeline(final)
@@ -211,7 +336,7 @@ def load_finetuned(run_or_final: str | Path, base_model: str | Path | None = Non
     if not meta_path.is_file():
         raise CheckpointError(f"{final} holds no exported model (no model_index.json or genrl_model.json)")
     meta: dict[str, Any] = json.loads(meta_path.read_text())
-    base = base_model or meta.get("base_model")
+    base = base_model or run_model or meta.get("base_model")
     if base is None:
         raise CheckpointError(f"{final}: the base model is unknown; pass base_model=")
     pipe = load_pipeline(base)
