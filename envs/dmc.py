@@ -210,7 +210,7 @@ def register_dmc_envs() -> bool:
         if env_id not in gym.registry:
             gym.register(
                 id=env_id,
-                entry_point="envs.dmc:DMCEnv",
+                entry_point="genrl_envs.dmc:DMCEnv",
                 kwargs={"domain": domain, "task": task},
                 max_episode_steps=None,
             )

@@ -33,9 +33,9 @@ from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 from gymnasium.wrappers import vector as vw
 from torch import Tensor
 
-from envs.base import EnvError, EnvSpec, StepResult
-from envs.normalize import NormalizeObservationSameStep, NormalizeRewardSameStep
-from envs.snapshot import _Snapshot
+from genrl_envs.base import EnvError, EnvSpec, StepResult
+from genrl_envs.normalize import NormalizeObservationSameStep, NormalizeRewardSameStep
+from genrl_envs.snapshot import _Snapshot
 
 
 def check_env_id(env_id: str) -> None:
@@ -50,8 +50,8 @@ def check_env_id(env_id: str) -> None:
 
 def _register_project_envs() -> None:
     """Register the project's own gymnasium ids, and gymnasium-robotics' if it is installed."""
-    import envs.maze  # noqa: F401  genrl/PointMaze-v0
-    import envs.multigoal  # noqa: F401  genrl/MultiGoal-v0
+    import genrl_envs.maze  # noqa: F401  genrl/PointMaze-v0
+    import genrl_envs.multigoal  # noqa: F401  genrl/MultiGoal-v0
 
     global _ROBOTICS_TRIED
     if not _ROBOTICS_TRIED:
@@ -63,7 +63,7 @@ def _register_project_envs() -> None:
         except ImportError:
             pass
         try:  # DeepMind Control Suite tasks dmc/HopperStand-v0, ... when dm_control imports (envs.dmc)
-            from envs.dmc import register_dmc_envs
+            from genrl_envs.dmc import register_dmc_envs
 
             register_dmc_envs()
         except ImportError:

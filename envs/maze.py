@@ -27,7 +27,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.render import disc
+from genrl_envs.render import disc
 
 ENV_ID = "genrl/PointMaze-v0"
 MAX_EPISODE_STEPS = 200
@@ -203,4 +203,4 @@ class PointMazeEnv(gym.Env):
 
 
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="envs.maze:PointMazeEnv", max_episode_steps=MAX_EPISODE_STEPS)
+    gym.register(id=ENV_ID, entry_point="genrl_envs.maze:PointMazeEnv", max_episode_steps=MAX_EPISODE_STEPS)

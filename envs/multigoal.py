@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.render import disc
+from genrl_envs.render import disc
 
 ENV_ID = "genrl/MultiGoal-v0"
 MAX_EPISODE_STEPS = 50
@@ -166,4 +166,4 @@ class MultiGoalEnv(gym.Env):
 
 
 if ENV_ID not in gym.registry:
-    gym.register(id=ENV_ID, entry_point="envs.multigoal:MultiGoalEnv", max_episode_steps=MAX_EPISODE_STEPS)
+    gym.register(id=ENV_ID, entry_point="genrl_envs.multigoal:MultiGoalEnv", max_episode_steps=MAX_EPISODE_STEPS)

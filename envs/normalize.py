@@ -15,7 +15,7 @@ import numpy as np
 from gymnasium.vector import VectorWrapper
 from gymnasium.wrappers.utils import RunningMeanStd
 
-from envs.base import EnvError
+from genrl_envs.base import EnvError
 
 
 class FastRunningMeanStd(RunningMeanStd):

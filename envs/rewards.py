@@ -135,7 +135,7 @@ def _to_uint8(images: Tensor) -> "list":
 
 @register_reward("digit")
 def _digit(arg: str | None, device: str) -> RewardFn:
-    from envs.digits import DigitClassifier, parse_digit
+    from genrl_envs.digits import DigitClassifier, parse_digit
 
     clf = DigitClassifier()
 
@@ -149,7 +149,7 @@ def _digit(arg: str | None, device: str) -> RewardFn:
 
 @register_reward("digit_correct")
 def _digit_correct(arg: str | None, device: str) -> RewardFn:
-    from envs.digits import DigitClassifier, parse_digit
+    from genrl_envs.digits import DigitClassifier, parse_digit
 
     clf = DigitClassifier()
 

@@ -9,7 +9,7 @@ sets, ``encode_prompt`` (cached per prompt), the sigma schedule (Flux's resoluti
 shift included), initial noise, VAE decoding and the reward registry (``envs.rewards``).
 Latents are always (B, C, H, W); Flux's 2x2 packing is the policy's business.
 
-diffusers / transformers are imported lazily: ``import envs`` stays light for control users.
+diffusers / transformers are imported lazily: ``import genrl_envs`` stays light for control users.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from envs.base import EnvError
-from envs.rewards import RewardSet
+from genrl_envs.base import EnvError
+from genrl_envs.rewards import RewardSet
 
 #: ``--model digits``: the SD3-architecture digits model built by scripts/pretrain_digits.py
 DIGITS_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "digits-sd3"
@@ -107,7 +107,7 @@ def read_prompts(source: str | Path | list[str] | None, default: str | None = No
         if name is None:
             raise EnvError("no prompts: give a prompts file (one prompt per line) or a built-in set ('digits')")
         if name == "digits":
-            from envs.digits import digit_prompts
+            from genrl_envs.digits import digit_prompts
 
             prompts = digit_prompts()
         else:

@@ -79,7 +79,7 @@ class Agent:
     def load(cls, path: str | Path, *, step: int | None = None, device: str = "cpu") -> "Agent":
         """An agent from a run folder (newest checkpoint or ``step``), a checkpoint folder, or an
         exported agent folder. CheckpointError (one line) for anything else."""
-        from policies.base import PolicyLoadError, load_pretrained
+        from genrl_policies.base import PolicyLoadError, load_pretrained
 
         path = Path(path)
         if (path / "agent.json").is_file():
@@ -115,7 +115,7 @@ class Agent:
 
     @classmethod
     def _load_exported(cls, path: Path, device: str) -> "Agent":
-        from policies.base import PolicyLoadError, load_pretrained
+        from genrl_policies.base import PolicyLoadError, load_pretrained
 
         try:
             meta = json.loads((path / "agent.json").read_text())
@@ -207,7 +207,7 @@ class Agent:
 
 
 def _action_box(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    from envs import make_env
+    from genrl_envs import make_env
 
     env = make_env(env_id, 1, normalize_obs=False, normalize_reward=False, **({"env_kwargs": env_kwargs} if env_kwargs else {}))
     try:

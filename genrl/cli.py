@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
             _set_path(over, key.strip(), _parse_value(value.strip()))
         cfg = config_from_dict(merge(data, over))
         if not image:
-            from envs import check_env_id
+            from genrl_envs import check_env_id
 
             check_env_id(cfg.env.env_id)
         run = train(cfg)

@@ -111,7 +111,7 @@ class TrainConfig:
     """The preset laid under this config (``genrl.presets``), recorded for reference."""
 
     def __post_init__(self) -> None:
-        from policies.base import POLICY_FAMILIES
+        from genrl_policies.base import POLICY_FAMILIES
 
         if self.policy not in POLICY_FAMILIES:
             raise ConfigError(
@@ -124,7 +124,7 @@ class TrainConfig:
 
     def policy_config_object(self) -> Any:
         """The family's config dataclass built (strictly) from ``policy_config``."""
-        from policies.base import config_from_dict, resolve_family
+        from genrl_policies.base import config_from_dict, resolve_family
 
         cls = resolve_family(self.policy).config_class
         try:

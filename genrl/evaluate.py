@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs import make_env
+from genrl_envs import make_env
 from genrl.config import EnvConfig
 
 

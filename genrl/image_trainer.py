@@ -37,8 +37,8 @@ def build_image(cfg: ImageTrainConfig, run_dir: Path | None = None) -> GRPO:
     A run folder's own copy of the prompts (``prompts.json``, written when the run started) wins
     over ``cfg.prompts``, so an edited prompts file cannot change a resumed run.
     """
-    from envs.t2i import TextToImageEnv
-    from policies.t2i import FlowImagePolicy, LoraSpec
+    from genrl_envs.t2i import TextToImageEnv
+    from genrl_policies.t2i import FlowImagePolicy, LoraSpec
 
     seed_everything(cfg.run.seed)
     g = cfg.grpo
@@ -322,7 +322,7 @@ def evaluate_run(run: str | Path, *, step: int | None = None, seeds: int = 4, pr
 
 def load_finetuned(run_or_final: str | Path, base_model: str | Path | None = None) -> Any:
     """The fine-tuned diffusers pipeline of a run (``<run>`` or its ``final/``), loaded offline."""
-    from envs.t2i import load_pipeline
+    from genrl_envs.t2i import load_pipeline
 
     final = Path(run_or_final)
     run_model = None

@@ -70,7 +70,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from genrl.algos.gorl import train_decoder
-from policies.gorl import GoRLPolicy
+from genrl_policies.gorl import GoRLPolicy
 
 #: seed offset per stage for the decoder's re-creation and training noise
 _DECODER_SEED = 2_000_029

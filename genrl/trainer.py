@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from envs import make_env
+from genrl_envs import make_env
 from genrl.algos.ppo import PPO
 from genrl.checkpoint import load_checkpoint, save_checkpoint
 from genrl.config import TrainConfig
@@ -26,7 +26,7 @@ from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.
 from genrl.evaluate import evaluate
 from genrl.logger import Logger
 from genrl.plot import plot_runs
-from policies.base import PolicyLoadError, load_pretrained, resolve_family
+from genrl_policies.base import PolicyLoadError, load_pretrained, resolve_family
 
 if TYPE_CHECKING:
     from genrl.config import ImageTrainConfig

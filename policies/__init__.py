@@ -3,7 +3,7 @@
 Imports torch only; never ``genrl`` or ``envs``.
 """
 
-from policies.base import (
+from genrl_policies.base import (
     POLICY_FAMILIES,
     PolicyLoadError,
     PolicyModule,
@@ -12,11 +12,11 @@ from policies.base import (
     record_map,
     resolve_family,
 )
-from policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
+from genrl_policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
 
 # The other families import lazily through ``resolve_family`` / ``load_pretrained`` (or directly:
-# ``from policies.pmoe import PMOEPolicy``, ``policies.policyflow``, ``policies.fpo``,
-# ``policies.diffusion``), so ``import policies`` stays light.
+# ``from genrl_policies.pmoe import PMOEPolicy``, ``policies.policyflow``, ``policies.fpo``,
+# ``policies.diffusion``), so ``import genrl_policies`` stays light.
 
 __all__ = [
     "POLICY_FAMILIES",

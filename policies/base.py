@@ -42,12 +42,12 @@ FORMAT_VERSION = 1
 
 #: family name -> "module:Class". The CLI names are the keys.
 POLICY_FAMILIES: dict[str, str] = {
-    "gaussian": "policies.gaussian:GaussianPolicy",
-    "pmoe": "policies.pmoe:PMOEPolicy",
-    "policyflow": "policies.policyflow:PolicyFlowPolicy",
-    "fpo": "policies.fpo:FPOPolicy",
-    "diffusion": "policies.diffusion:DiffusionPolicy",
-    "gorl": "policies.gorl:GoRLPolicy",
+    "gaussian": "genrl_policies.gaussian:GaussianPolicy",
+    "pmoe": "genrl_policies.pmoe:PMOEPolicy",
+    "policyflow": "genrl_policies.policyflow:PolicyFlowPolicy",
+    "fpo": "genrl_policies.fpo:FPOPolicy",
+    "diffusion": "genrl_policies.diffusion:DiffusionPolicy",
+    "gorl": "genrl_policies.gorl:GoRLPolicy",
 }
 
 R = TypeVar("R")

@@ -51,9 +51,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from policies.base import PolicyModule, check_detached
-from policies.flow import VelocityNet
-from policies.nets import ACTIVATIONS, LOG_SQRT_2PI
+from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.flow import VelocityNet
+from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI
 
 LOGPROB_REDUCTIONS = ("sum", "mean")
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from policies.nets import ACTIVATIONS, mlp
+from genrl_policies.nets import ACTIVATIONS, mlp
 
 METHODS = ("euler", "midpoint")
 

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from policies.base import PolicyModule, check_detached
-from policies.flow import VelocityNet, cfm_loss, integrate
-from policies.nets import ACTIVATIONS
+from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.flow import VelocityNet, cfm_loss, integrate
+from genrl_policies.nets import ACTIVATIONS
 
 RATIO_MODES = ("average", "per_pair")
 LOSS_WEIGHTINGS = ("velocity", "eps")

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from policies.base import PolicyModule, check_detached
-from policies.nets import LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
+from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.nets import LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from policies.base import PolicyModule, check_detached
-from policies.diffusion import cosine_beta_schedule
-from policies.flow import VelocityNet, cfm_loss, integrate
-from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
+from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.diffusion import cosine_beta_schedule
+from genrl_policies.flow import VelocityNet, cfm_loss, integrate
+from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
 
 LATENT_REGS = ("kl", "l2_params", "none")
 DECODERS = ("flow", "diffusion")

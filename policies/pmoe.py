@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from policies.base import PolicyModule, check_detached
-from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, MLP, diag_gaussian_log_prob, mlp
+from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, MLP, diag_gaussian_log_prob, mlp
 
 ESTIMATORS = ("pmoe", "gumbel", "score")
 MIXING_INPUTS = ("obs", "features")

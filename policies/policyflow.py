@@ -41,9 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from policies.base import PolicyModule, check_detached
-from policies.flow import METHODS, VelocityNet, integrate, time_grid
-from policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob
+from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.flow import METHODS, VelocityNet, integrate, time_grid
+from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the official code's clamp on log sigma
 PATHS = ("rectified",)

@@ -106,7 +106,7 @@ def trajectories(policy: Any, env_id: str, obs_norm: dict[str, np.ndarray] | Non
     """Stochastic episodes on a plain env: raw observation paths and returns."""
     import gymnasium as gym
 
-    import envs  # noqa: F401  registers genrl ids
+    import genrl_envs  # noqa: F401  registers genrl ids
 
     env = gym.make(env_id)
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +130,7 @@ def trajectories(policy: Any, env_id: str, obs_norm: dict[str, np.ndarray] | Non
 
 
 def multigoal(args: argparse.Namespace) -> None:
-    from envs.multigoal import goal_index, goal_positions
+    from genrl_envs.multigoal import goal_index, goal_positions
 
     out = Path(args.out)
     results: dict[str, Any] = {"steps": args.steps, "seeds": args.seeds, "episodes": args.episodes, "families": {}}

@@ -31,7 +31,7 @@ DEFAULT_STEPS = {"ppo": 20_000, "sac": 3_000}
 def make_inner(env_id: str) -> gym.Env:
     """``gym.make`` of any registered id (the project's genrl/* and dmc/* ids included), Dict
     observations flattened."""
-    from envs import check_env_id
+    from genrl_envs import check_env_id
 
     check_env_id(env_id)  # registers the project's ids (dmc/* when dm_control imports)
     env = gym.make(env_id)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stable_baselines3.common.evaluation import evaluate_policy
 
     from genrl.sb3 import GoRLDecoderCallback, GoRLSB3Config
-    from policies.gorl import GoRLConfig, GoRLPolicy
+    from genrl_policies.gorl import GoRLConfig, GoRLPolicy
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

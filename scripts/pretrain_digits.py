@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from envs.digits import (  # noqa: E402
+from genrl_envs.digits import (  # noqa: E402
     SAMPLING_DEFAULTS,
     DigitClassifier,
     all_digit_prompts,

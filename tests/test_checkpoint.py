@@ -27,7 +27,7 @@ from genrl.config import config_from_dict
 from genrl.errors import CheckpointError, NonFiniteLossError
 from genrl.logger import read_csv
 from genrl.trainer import train
-from policies.base import load_pretrained
+from genrl_policies.base import load_pretrained
 
 CKPT_FILES = (
     "policy/config.json",

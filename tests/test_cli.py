@@ -263,7 +263,7 @@ def test_eval_prints_mean_and_std(runs: dict[str, Path], capsys) -> None:
 
 
 def _mujoco_render_or_skip() -> None:
-    import envs  # noqa: F401  (sets MUJOCO_GL=egl when there is no display)
+    import genrl_envs  # noqa: F401  (sets MUJOCO_GL=egl when there is no display)
     import gymnasium as gym
 
     try:

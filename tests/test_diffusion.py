@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from policies.base import load_pretrained
-from policies.diffusion import DiffusionConfig, DiffusionPolicy, DiffusionRecord, cosine_beta_schedule
+from genrl_policies.base import load_pretrained
+from genrl_policies.diffusion import DiffusionConfig, DiffusionPolicy, DiffusionRecord, cosine_beta_schedule
 
 OBS, ACT, B, K = 4, 2, 5, 6
 TINY = dict(hidden_sizes=(16, 16), embed_dim=8, n_denoising_steps=K)

@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from envs.digits import (  # noqa: E402
+from genrl_envs.digits import (  # noqa: E402
     DIGIT_WORDS,
     DigitClassifier,
     all_digit_prompts,
@@ -159,6 +159,6 @@ def test_shipped_base_loads() -> None:
 
 
 def test_import_is_light() -> None:
-    code = "import sys, envs.digits; print(sorted(m for m in ('diffusers', 'transformers', 'sklearn') if m in sys.modules))"
+    code = "import sys, genrl_envs.digits; print(sorted(m for m in ('diffusers', 'transformers', 'sklearn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

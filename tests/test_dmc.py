@@ -1,4 +1,4 @@
-"""envs.dmc: the dm_control -> gymnasium adapter and its dmc/* ids.
+"""genrl_envs.dmc: the dm_control -> gymnasium adapter and its dmc/* ids.
 
 Skipped when dm_control is not installed (it needs mujoco < 4; see pyproject.toml).
 """
@@ -16,8 +16,8 @@ import gymnasium as gym  # noqa: E402
 import torch  # noqa: E402
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 
-from envs import check_env_id, make_env  # noqa: E402
-from envs.dmc import DMC_ENV_IDS, DMCEnv, register_dmc_envs  # noqa: E402
+from genrl_envs import check_env_id, make_env  # noqa: E402
+from genrl_envs.dmc import DMC_ENV_IDS, DMCEnv, register_dmc_envs  # noqa: E402
 
 HS = "dmc/HopperStand-v0"
 

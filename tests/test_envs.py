@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from envs import EnvError, StepResult, make_env
+from genrl_envs import EnvError, StepResult, make_env
 
 SPECS = {"Hopper-v5": (11, 3), "Pendulum-v1": (3, 1)}
 
@@ -275,7 +275,7 @@ def test_reward_normaliser_matches_gymnasium() -> None:
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
     from gymnasium.wrappers import vector as vw
 
-    from envs.normalize import NormalizeRewardSameStep
+    from genrl_envs.normalize import NormalizeRewardSameStep
 
     def mk() -> gym.Env:
         return gym.make("Pendulum-v1", max_episode_steps=60)  # several episode ends in the run

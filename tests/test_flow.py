@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from policies.flow import (
+from genrl_policies.flow import (
     VelocityNet,
     cfm_loss,
     cnf_log_prob,
@@ -237,7 +237,7 @@ def test_conditional_log_prob_is_gaussian_around_the_flow_map() -> None:
 @pytest.mark.parametrize("method", ["euler", "midpoint"])
 def test_conditioned_fast_path_matches_the_plain_forward(method: str) -> None:
     """integrate() precomputes the obs/time part of the first layer; it must equal forward()."""
-    from policies.flow import VelocityNet, integrate, time_grid
+    from genrl_policies.flow import VelocityNet, integrate, time_grid
 
     torch.manual_seed(0)
     net = VelocityNet(4, 3, (32, 32)).double()

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from policies.base import load_pretrained
-from policies.flow import cfm_loss
-from policies.fpo import FPOConfig, FPOPolicy, FPORecord
+from genrl_policies.base import load_pretrained
+from genrl_policies.flow import cfm_loss
+from genrl_policies.fpo import FPOConfig, FPOPolicy, FPORecord
 
 OBS, ACT, B = 4, 2, 6
 TINY = dict(hidden_sizes=(16, 16), embed_dim=8, n_steps=4)

@@ -19,7 +19,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from compare import assert_same_nested, assert_same_tensors
-from envs.base import EnvSpec, StepResult
+from genrl_envs.base import EnvSpec, StepResult
 from genrl import cli
 from genrl.algos.gorl import GoRL, GoRLTrainConfig, stage_boundaries
 from genrl.algos.ppo import PPO, PPOConfig
@@ -27,9 +27,9 @@ from genrl.checkpoint import checkpoint_steps, load_checkpoint
 from genrl.config import TrainConfig, config_from_dict
 from genrl.errors import ConfigError
 from genrl.logger import read_csv
-from policies.base import load_pretrained, record_map, resolve_family
-from policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
-from policies.gorl import GoRLConfig, GoRLPolicy, diffusion_alpha_bars, gaussian_kl_to_prior
+from genrl_policies.base import load_pretrained, record_map, resolve_family
+from genrl_policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
+from genrl_policies.gorl import GoRLConfig, GoRLPolicy, diffusion_alpha_bars, gaussian_kl_to_prior
 
 OBS, ACT, B = 4, 2, 7
 

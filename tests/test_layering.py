@@ -10,9 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: package -> top-level packages it must not import
-FORBIDDEN: dict[str, set[str]] = {
-    "policies": {"genrl"},
-    "envs": {"genrl", "policies"},
+FORBIDDEN: dict[str, set[str]] = {  # folder -> import names it must not use (installed as genrl_<folder>)
+    "policies": {"genrl", "genrl_envs", "envs"},
+    "envs": {"genrl", "genrl_policies", "policies"},
 }
 
 
@@ -32,9 +32,9 @@ def test_helper_sees_imports() -> None:
     # guard against a helper that silently finds nothing
     src = ROOT / "policies" / "gaussian.py"
     found = {name for _, name in imported_top_levels(src)}
-    assert {"torch", "policies"} <= found
-    fake = "import os\nimport genrl.losses as L\ndef f():\n    from policies.base import record_map\nfrom . import x\n"
-    assert imported_top_levels(src, fake) == [(1, "os"), (2, "genrl"), (4, "policies")]
+    assert {"torch", "genrl_policies"} <= found
+    fake = "import os\nimport genrl.losses as L\ndef f():\n    from genrl_policies.base import record_map\nfrom . import x\n"
+    assert imported_top_levels(src, fake) == [(1, "os"), (2, "genrl"), (4, "genrl_policies")]
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -49,3 +49,15 @@ def test_package_does_not_import_upper_layers(package: str) -> None:
         if name in FORBIDDEN[package]
     ]
     assert not violations, "\n".join(violations)
+
+
+def test_installed_import_names_do_not_claim_generic_top_levels(tmp_path: Path) -> None:
+    """A user's own envs/ or policies/ package next to their script keeps working with genrl."""
+    import subprocess
+    import sys
+
+    for name in ("envs", "policies"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("MINE = True\n")
+    code = "import envs, policies, genrl.trainer, genrl_envs, genrl_policies; assert envs.MINE and policies.MINE"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=120)

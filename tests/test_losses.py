@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-import envs
+import genrl_envs as envs
 from genrl.advantages import gae
 from genrl.algos.ppo import PPO, PPOConfig
 from genrl.errors import NonFiniteLossError
 from genrl.losses import clipped_surrogate, explained_variance, value_loss
-from policies.base import record_map
-from policies.gaussian import GaussianPolicy
+from genrl_policies.base import record_map
+from genrl_policies.gaussian import GaussianPolicy
 
 F64 = torch.float64
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
-import envs
-from envs.maze import PointMazeEnv, interior_block, route_taken
-from envs.multigoal import MultiGoalEnv, count_goals_reached, goal_histogram, goal_index, goal_positions
+import genrl_envs as envs
+from genrl_envs.maze import PointMazeEnv, interior_block, route_taken
+from genrl_envs.multigoal import MultiGoalEnv, count_goals_reached, goal_histogram, goal_index, goal_positions
 
 MG, PM = "genrl/MultiGoal-v0", "genrl/PointMaze-v0"
 

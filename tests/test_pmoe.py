@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from policies.base import load_pretrained
-from policies.gaussian import GaussianConfig, GaussianPolicy
-from policies.pmoe import (
+from genrl_policies.base import load_pretrained
+from genrl_policies.gaussian import GaussianConfig, GaussianPolicy
+from genrl_policies.pmoe import (
     PMOEConfig,
     PMOEPolicy,
     PMOERecord,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-from policies.base import (
+from genrl_policies.base import (
     FORMAT_VERSION,
     POLICY_FAMILIES,
     PolicyLoadError,
@@ -19,7 +19,7 @@ from policies.base import (
     record_map,
     resolve_family,
 )
-from policies.gaussian import GaussianConfig, GaussianPolicy
+from genrl_policies.gaussian import GaussianConfig, GaussianPolicy
 
 OBS, ACT, B = 5, 3, 7
 FAMILIES = sorted(POLICY_FAMILIES)

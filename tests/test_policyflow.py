@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal
 
-from policies.base import load_pretrained
-from policies.flow import cfm_loss, flow_map, integrate
-from policies.nets import diag_gaussian_log_prob
-from policies.policyflow import PolicyFlowConfig, PolicyFlowPolicy, PolicyFlowRecord, brownian_residual
+from genrl_policies.base import load_pretrained
+from genrl_policies.flow import cfm_loss, flow_map, integrate
+from genrl_policies.nets import diag_gaussian_log_prob
+from genrl_policies.policyflow import PolicyFlowConfig, PolicyFlowPolicy, PolicyFlowRecord, brownian_residual
 
 OBS, ACT, B = 3, 2, 16
 F64 = torch.float64

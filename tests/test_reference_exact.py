@@ -15,8 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from genrl.algos.grpo import GRPO, GRPOConfig, continuation_indices, kept_samples, shifted_sigmas
-from policies.pmoe import PMOEConfig, PMOEPolicy
-from policies.t2i import Conditioning, FlowImagePolicy, LoraSpec
+from genrl_policies.pmoe import PMOEConfig, PMOEPolicy
+from genrl_policies.t2i import Conditioning, FlowImagePolicy, LoraSpec
 
 
 # -- Flow-GRPO under true CFG: only the text-conditioned branch is trained ----------------------
@@ -47,8 +47,8 @@ def _check_cfg_gradients(policy: FlowImagePolicy, x: torch.Tensor, cond: Conditi
 
 
 def test_sd3_cfg_trains_only_the_conditional_branch(tmp_path: Path) -> None:
-    from envs.digits import build_digits_pipeline
-    from envs.t2i import TextToImageEnv
+    from genrl_envs.digits import build_digits_pipeline
+    from genrl_envs.t2i import TextToImageEnv
 
     path = tmp_path / "pipe"
     build_digits_pipeline(seed=0, num_layers=1).save_pretrained(str(path))
@@ -64,7 +64,7 @@ def test_sd3_cfg_trains_only_the_conditional_branch(tmp_path: Path) -> None:
 
 
 def test_flux_true_cfg_trains_only_the_conditional_branch(tmp_path: Path) -> None:
-    from envs.t2i import TextToImageEnv
+    from genrl_envs.t2i import TextToImageEnv
     from test_t2i_pipelines import build_tiny_flux
 
     env = TextToImageEnv(build_tiny_flux(tmp_path, guidance_embeds=False), rewards="brightness")
@@ -122,7 +122,7 @@ def test_g2rpo_flux_schedule_and_timesteps_match_the_official_script(tmp_path: P
     sig = shifted_sigmas(16, 3.0)
     ref = torch.tensor([int(s * 1000) / 1000 for s in sig], dtype=torch.float32)
     assert torch.equal(FlowImagePolicy.model_sigma(stub, sig), ref)  # type: ignore[arg-type]
-    from envs.t2i import TextToImageEnv
+    from genrl_envs.t2i import TextToImageEnv
     from test_t2i_pipelines import build_tiny_flux
 
     env = TextToImageEnv(build_tiny_flux(tmp_path, guidance_embeds=True), rewards="brightness")
@@ -264,9 +264,9 @@ def test_adaptive_lr_rule() -> None:
 
 @pytest.mark.parametrize("every", ["minibatch", "epoch"])
 def test_adaptive_lr_moves_the_optimiser_lr_with_the_measured_kl(every: str) -> None:
-    from envs import make_env
+    from genrl_envs import make_env
     from genrl.algos.ppo import PPO, PPOConfig
-    from policies.gaussian import GaussianPolicy
+    from genrl_policies.gaussian import GaussianPolicy
 
     lrs = {}
     for desired in (1e-9, 1e3):  # every KL is far above / far below the target

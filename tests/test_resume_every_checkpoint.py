@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from compare import assert_same_nested, assert_same_tensors
-from envs import make_env
+from genrl_envs import make_env
 from genrl.checkpoint import checkpoint_steps
 from genrl.config import config_from_dict
 from genrl.trainer import train

@@ -26,7 +26,7 @@ from genrl.sb3 import (  # noqa: E402
     GoRLSB3Config,
     RefinementBuffer,
 )
-from policies.gorl import GoRLConfig, GoRLPolicy  # noqa: E402
+from genrl_policies.gorl import GoRLConfig, GoRLPolicy  # noqa: E402
 
 ENV = "InvertedPendulum-v5"  # obs 4, action 1 in [-3, 3]
 

@@ -12,13 +12,13 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from envs.base import EnvError  # noqa: E402
-from envs.digits import build_digits_pipeline  # noqa: E402
-from envs.rewards import RewardError, RewardSet  # noqa: E402
-from envs.t2i import TextToImageEnv, load_pipeline, read_prompts  # noqa: E402
+from genrl_envs.base import EnvError  # noqa: E402
+from genrl_envs.digits import build_digits_pipeline  # noqa: E402
+from genrl_envs.rewards import RewardError, RewardSet  # noqa: E402
+from genrl_envs.t2i import TextToImageEnv, load_pipeline, read_prompts  # noqa: E402
 from genrl.algos.grpo import GRPO, GRPOConfig  # noqa: E402
 from genrl.losses import clipped_surrogate  # noqa: E402
-from policies.t2i import Conditioning, FlowImagePolicy, LoraSpec, sde_step  # noqa: E402
+from genrl_policies.t2i import Conditioning, FlowImagePolicy, LoraSpec, sde_step  # noqa: E402
 
 PROMPTS = [f"a handwritten {d}" for d in range(10)]
 SIDE = {"resolution": 8, "max_sequence_length": 0, "guidance_scale": 1.0, "num_inference_steps": 4, "prompts": "digits"}
@@ -210,7 +210,7 @@ def test_rewards_registry_and_plugins(tmp_path: Path) -> None:
 def test_clip_reward_from_a_local_folder(tmp_path: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from envs.digits import load_clip_tokenizer, write_clip_bpe_tokenizer
+    from genrl_envs.digits import load_clip_tokenizer, write_clip_bpe_tokenizer
 
     write_clip_bpe_tokenizer(tmp_path / "tok")
     tok = load_clip_tokenizer(tmp_path / "tok")

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from envs.t2i import DIGITS_MODEL_DIR  # noqa: E402
+from genrl_envs.t2i import DIGITS_MODEL_DIR  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (DIGITS_MODEL_DIR / "model_index.json").is_file(), reason="digits model not built")
 

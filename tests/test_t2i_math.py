@@ -10,7 +10,7 @@ import torch
 from genrl.advantages import aggregate_advantages, group_advantages
 from genrl.algos.grpo import GRPOConfig, continuation_indices, trained_steps
 from genrl.errors import ConfigError
-from policies.t2i import SDEStep, guard_log_ratio, kl_to_reference, sde_std, sde_step
+from genrl_policies.t2i import SDEStep, guard_log_ratio, kl_to_reference, sde_std, sde_step
 
 
 def _rand(*shape: int, seed: int = 0) -> torch.Tensor:

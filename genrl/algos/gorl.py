@@ -43,10 +43,10 @@ from typing import Any, Callable
 
 import torch
 
-from envs.base import BatchedEnv
+from genrl_envs.base import BatchedEnv
 from genrl.algos.ppo import PPO, Critic, PPOConfig
 from genrl.errors import ConfigError
-from policies.gorl import GoRLPolicy
+from genrl_policies.gorl import GoRLPolicy
 
 #: offsets that derive each refinement's seeds from the run seed and the stage
 _COLLECT_SEED, _DECODER_SEED, _CRITIC_SEED = 1_000_003, 2_000_029, 3_000_017
@@ -309,7 +309,7 @@ class GoRL:
     def _make_refinement_env(self) -> BatchedEnv:
         if self.env_factory is not None:
             return self.env_factory()
-        from envs import make_env
+        from genrl_envs import make_env
 
         spec = self.env.spec
         norm = self.env.obs_normalizer_state() if hasattr(self.env, "obs_normalizer_state") else None

@@ -34,7 +34,7 @@ from torch import Tensor
 from genrl.advantages import aggregate_advantages
 from genrl.errors import ConfigError, NonFiniteLossError
 from genrl.losses import clipped_surrogate
-from policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference, sde_step
+from genrl_policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference, sde_step
 
 ALGOS = ("flow-grpo", "g2rpo")
 CONTINUATIONS = ("official", "extended")

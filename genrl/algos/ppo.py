@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from envs.base import BatchedEnv
+from genrl_envs.base import BatchedEnv
 from genrl.advantages import gae
 from genrl.errors import ConfigError, NonFiniteLossError
 from genrl.losses import clipped_surrogate, explained_variance, value_loss
-from policies.base import PolicyModule, record_map
-from policies.nets import mlp
+from genrl_policies.base import PolicyModule, record_map
+from genrl_policies.nets import mlp
 
 
 @dataclass(frozen=True)
