@@ -24,6 +24,7 @@ Shapes: N envs, O observation dim, A action dim.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 import gymnasium as gym
@@ -41,6 +42,15 @@ from genrl_envs.snapshot import _Snapshot
 def check_env_id(env_id: str) -> None:
     """Raise EnvError naming close matches when ``env_id`` is not a registered gymnasium id."""
     _register_project_envs()
+    if ":" in env_id:  # gymnasium's "module:EnvId": the module registers the id when imported
+        module, _, name = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # the user's module may raise anything while importing
+            raise EnvError(f"cannot import '{module}' for env '{env_id}': {type(exc).__name__}: {exc}") from None
+        if name not in gym.registry:
+            raise EnvError(f"importing '{module}' did not register '{name}' (gymnasium.register it in that module)")
+        return
     if env_id in gym.registry:
         return
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
@@ -75,7 +85,12 @@ _ROBOTICS_TRIED = False
 
 def _make_flat(env_id: str, **kwargs: Any) -> gym.Env:
     """``gym.make`` with Dict observations (goal-conditioned tasks) flattened to one Box."""
-    env = gym.make(env_id, **kwargs)
+    try:
+        env = gym.make(env_id, **kwargs)
+    except (gym.error.Error, ImportError) as exc:  # missing extras (Box2D), ids moved out of gymnasium (mujoco -v2/-v3) ...
+        raise EnvError(f"cannot create {env_id}: {str(exc).splitlines()[0]}") from None
+    except TypeError as exc:
+        raise EnvError(f"cannot create {env_id} with env_kwargs {kwargs}: {exc}") from None
     if isinstance(env.observation_space, gym.spaces.Dict):
         env = gym.wrappers.FlattenObservation(env)
     return env

@@ -154,17 +154,18 @@ class TextToImageEnv:
         dtype: torch.dtype = torch.float32,
         pipeline: Any = None,
     ) -> None:
+        # prompts and rewards are checked before the (possibly large) pipeline is loaded
         if pipeline is None:
             self.model_dir: Path | None = resolve_model_dir(model)
-            self.pipe = load_pipeline(self.model_dir, dtype)
             defaults = SamplingDefaults.read(self.model_dir)
         else:  # an already built pipeline (tests, notebooks)
-            self.model_dir, self.pipe, defaults = None, pipeline, SamplingDefaults()
+            self.model_dir, defaults = None, SamplingDefaults()
+        self.prompts = read_prompts(prompts, defaults.prompts)
+        self.rewards = RewardSet(rewards, device)  # unknown reward names fail here, before any work
+        self.pipe = load_pipeline(self.model_dir, dtype) if pipeline is None else pipeline
         self.device = torch.device(device)
         self.dtype = dtype
         self.defaults = defaults
-        self.prompts = read_prompts(prompts, defaults.prompts)
-        self.rewards = RewardSet(rewards, device)  # unknown reward names fail here, before any work
         self.guidance_scale = float(defaults.guidance_scale if guidance_scale is None else guidance_scale)
         self.max_sequence_length = int(defaults.max_sequence_length if max_sequence_length is None else max_sequence_length)
         res = int(defaults.resolution if resolution is None else resolution)

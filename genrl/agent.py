@@ -56,6 +56,7 @@ class Agent:
         action_low: np.ndarray,
         action_high: np.ndarray,
         step: int | None = None,
+        env_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.policy = policy.eval()
         self.env_id = env_id
@@ -64,6 +65,7 @@ class Agent:
         self.action_low = np.asarray(action_low, dtype=np.float32)
         self.action_high = np.asarray(action_high, dtype=np.float32)
         self.step = step
+        self.env_kwargs = dict(env_kwargs or {})
         self._low, self._high = torch.from_numpy(self.action_low), torch.from_numpy(self.action_high)
 
     @property
@@ -109,9 +111,9 @@ class Agent:
             raise CheckpointError(str(exc)) from None
         arrays = data["env"]["arrays"]
         norm = {k: np.asarray(arrays[f"obs_rms.{k}"]) for k in ("mean", "var", "count")} if "obs_rms.mean" in arrays else None
-        low, high = _action_box(cfg.env.env_id, cfg.env.env_kwargs if hasattr(cfg.env, "env_kwargs") else None)
-        return cls(policy, env_id=cfg.env.env_id, obs_normalizer=norm, clip_obs=cfg.env.clip_obs,
-                   action_low=low, action_high=high, step=int(data["state"]["global_step"]))  # fmt: skip
+        low, high = _action_box(cfg.env.env_id, cfg.env.env_kwargs)
+        return cls(policy, env_id=cfg.env.env_id, obs_normalizer=norm, clip_obs=cfg.env.clip_obs, action_low=low,
+                   action_high=high, step=int(data["state"]["global_step"]), env_kwargs=cfg.env.env_kwargs)  # fmt: skip
 
     @classmethod
     def _load_exported(cls, path: Path, device: str) -> "Agent":
@@ -137,7 +139,8 @@ class Agent:
             except Exception as exc:  # safetensors' own error types on corrupt or missing files
                 raise CheckpointError(f"unreadable {path / 'normalizer.safetensors'}: {str(exc).splitlines()[0]}") from None
         return cls(policy, env_id=meta["env_id"], obs_normalizer=norm, clip_obs=meta["clip_obs"],
-                   action_low=np.array(meta["action_low"]), action_high=np.array(meta["action_high"]), step=meta.get("step"))  # fmt: skip
+                   action_low=np.array(meta["action_low"]), action_high=np.array(meta["action_high"]), step=meta.get("step"),
+                   env_kwargs=meta.get("env_kwargs"))  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Export this agent (policy, normaliser, bounds; no optimiser) to a folder, atomically."""
@@ -146,7 +149,7 @@ class Agent:
         path = Path(path)
         meta = {
             "format": AGENT_FORMAT, "format_version": AGENT_FORMAT_VERSION, "genrl_version": genrl.__version__,
-            "env_id": self.env_id, "family": self.family, "step": self.step,
+            "env_id": self.env_id, "env_kwargs": self.env_kwargs, "family": self.family, "step": self.step,
             "obs_dim": int(self.policy.obs_dim), "action_dim": int(self.policy.action_dim),
             "normalize_obs": self.obs_normalizer is not None, "clip_obs": self.clip_obs, "obs_epsilon": _EPS,
             "action_low": self.action_low.tolist(), "action_high": self.action_high.tolist(),
@@ -201,7 +204,8 @@ class Agent:
         from genrl.config import EnvConfig
         from genrl.evaluate import evaluate
 
-        env_config = EnvConfig(env_id=env_id or self.env_id, normalize_obs=self.obs_normalizer is not None, clip_obs=self.clip_obs)
+        kwargs = self.env_kwargs if env_id in (None, self.env_id) else {}
+        env_config = EnvConfig(env_id=env_id or self.env_id, env_kwargs=kwargs, normalize_obs=self.obs_normalizer is not None, clip_obs=self.clip_obs)
         return evaluate(self.policy, env_config, self.obs_normalizer, episodes=episodes, seed=seed,
                         deterministic=deterministic, video_path=video_path)  # fmt: skip
 
@@ -209,7 +213,7 @@ class Agent:
 def _action_box(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     from genrl_envs import make_env
 
-    env = make_env(env_id, 1, normalize_obs=False, normalize_reward=False, **({"env_kwargs": env_kwargs} if env_kwargs else {}))
+    env = make_env(env_id, 1, normalize_obs=False, normalize_reward=False, env_kwargs=env_kwargs)
     try:
         return env.spec.action_low, env.spec.action_high
     finally:

@@ -129,6 +129,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
     """A safetensors file; CheckpointError if corrupt."""
     try:
         return load_file(str(file))
+    except PermissionError:
+        raise CheckpointError(f"cannot read {file}: permission denied") from None
     except Exception as exc:  # safetensors raises its own error types on corrupt files
         raise CheckpointError(f"corrupt {file}: {exc}") from None
 
@@ -137,8 +139,13 @@ def read_optimizer(file: Path) -> dict[str, Any]:
     """An optimizer state saved with torch.save, loaded with ``weights_only=True`` (no unpickling of globals)."""
     try:
         return torch.load(file, weights_only=True, map_location="cpu")
+    except PermissionError:
+        raise CheckpointError(f"cannot read {file}: permission denied") from None
     except Exception as exc:  # a pickled payload with globals is refused here
-        raise CheckpointError(f"refusing or unable to load {file}: {str(exc).splitlines()[0]}") from None
+        # PyTorch's own message advises weights_only=False, i.e. running the file's code: not here
+        text = str(exc)
+        why = "it holds Python objects beyond tensors (refused: genrl never unpickles)" if "Weights only load failed" in text else text.splitlines()[0]
+        raise CheckpointError(f"corrupt or foreign {file}: {why}") from None
 
 
 def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:

@@ -35,37 +35,45 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="genrl", description="RL with generative policies.")
+    import genrl
+
+    p = argparse.ArgumentParser(prog="genrl", description="RL with generative policies: control (PPO for Gaussian, mixture, "
+                                "flow, diffusion and GoRL policies) and text-to-image fine-tuning (Flow-GRPO, G2RPO).")  # fmt: skip
+    p.add_argument("--version", action="version", version=f"genrl {genrl.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a policy (or --resume a run)")
-    t.add_argument("--env", help="gymnasium id, e.g. Hopper-v5, or t2i for text-to-image fine-tuning")
-    t.add_argument("--model", help="t2i: 'digits' or a local diffusers pipeline folder (e.g. SD3.5-Medium)")
-    t.add_argument("--reward", help="t2i: reward spec, e.g. digit or digit=1,jpeg_compressibility=0.1 or clip:DIR")
-    t.add_argument("--prompts", help="t2i: prompts file (one per line, or a JSON list) or a built-in set")
-    t.add_argument("--policy", help="policy family: gaussian | pmoe | policyflow | fpo | diffusion | gorl")
-    t.add_argument("--algo", help="algorithm: ppo (control) | flow-grpo | g2rpo (t2i)")
-    t.add_argument("--steps", type=int, help="total env steps (t2i: scored images)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--out", help="run folder")
-    t.add_argument("--n-envs", type=int, dest="n_envs")
-    t.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N env steps")
-    t.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N env steps")
-    t.add_argument("--eval-episodes", type=int, dest="eval_episodes")
-    t.add_argument("--device", help="cpu | cuda | cuda:N")
-    t.add_argument("--config", help="TOML/YAML/JSON file of TrainConfig fields")
+    t = sub.add_parser("train", help="train a policy (or --resume a run)",
+                       description="Flags override --config, which overrides --preset, which overrides the defaults "
+                       "(`genrl config` lists every key with its default).")  # fmt: skip
+    t.add_argument("--env", help="gymnasium id (default Hopper-v5), module:EnvId for your own registered env, or t2i for text-to-image")
+    t.add_argument("--model", help="t2i: 'digits' (default, shipped) or a local diffusers pipeline folder (e.g. SD3.5-Medium)")
+    t.add_argument("--reward", help="t2i: reward spec (default digit): name, name=weight,... e.g. digit=1,jpeg_compressibility=0.1, clip:DIR, module:function")
+    t.add_argument("--prompts", help="t2i: prompts file (one per line, or a JSON list) or a built-in set (default: the model's, digits)")
+    t.add_argument("--policy", help="control policy family (default gaussian): gaussian | pmoe | policyflow | fpo | diffusion | gorl")
+    t.add_argument("--algo", help="algorithm: ppo (control, default) | flow-grpo (t2i default) | g2rpo")
+    t.add_argument("--steps", type=int, help="total env steps, rounded up to whole iterations (default 1,000,000; t2i: scored images, 2048); "
+                   "with --resume: extend the run to this many")  # fmt: skip
+    t.add_argument("--seed", type=int, help="seed of everything: envs, networks, sampling (default 1)")
+    t.add_argument("--out", help="run folder; must be new or empty (default runs/<env>__<policy or algo>__<seed>__<date-time>)")
+    t.add_argument("--n-envs", type=int, dest="n_envs", help="parallel envs (default 1); a rollout is ppo.n_steps per env")
+    t.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N env steps (default: a tenth of the run; 0: end only)")
+    t.add_argument("--eval-every", type=int, dest="eval_every", help="evaluate every N env steps (default 0: at the end only)")
+    t.add_argument("--eval-episodes", type=int, dest="eval_episodes", help="evaluation episodes (default 10; t2i: seeds per prompt, 4)")
+    t.add_argument("--device", help="cpu (default) | cuda | cuda:N")
+    t.add_argument("--config", help="TOML / YAML / JSON file of config fields (see `genrl config`)")
     t.add_argument("--preset", help="a method's paper settings under your own: paper (the family's) or a name from `genrl presets`")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any field, e.g. ppo.learning_rate=1e-4")
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable, e.g. --set ppo.learning_rate=1e-4")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest readable checkpoint")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per iteration instead)")
+    t.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install genrl[wandb]; WANDB_MODE=offline works)")
 
     e = sub.add_parser("eval", help="evaluate a run's newest (or chosen) checkpoint, or an exported agent folder")
     e.add_argument("run", help="run folder, checkpoint folder, or exported agent folder (<run>/final)")
     e.add_argument("--env", help="evaluate on another compatible env id (default: the training env)")
-    e.add_argument("--episodes", type=int, default=10)
+    e.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
     e.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     e.add_argument("--video", action="store_true", help="write <run>/videos/eval-<step>.mp4 of the first episode")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the evaluation episodes (default 0)")
     e.add_argument("--stochastic", action="store_true", help="sample actions instead of the deterministic mode")
     e.add_argument("--seeds", type=int, default=4, help="text-to-image runs: fixed seeds per prompt in the grid (default 4)")
 
@@ -76,12 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--step", type=int, help="checkpoint step (default: newest)")
     sm.add_argument("-o", "--out", help="PNG path (default: <run>/images/eval-<step>.png)")
 
+    c = sub.add_parser("config", help="every config key with its type, default and meaning (what --set and --config accept)")
+    c.add_argument("--policy", help="also list this policy family's policy_config keys (default gaussian)")
+    c.add_argument("--algo", help="ppo (default) or a text-to-image algorithm (flow-grpo, g2rpo)")
+
     pr = sub.add_parser("presets", help="print every preset (each method's paper / reference-code settings) in full")
     pr.add_argument("name", nargs="?", help="only this preset")
 
     pl = sub.add_parser("plot", help="learning curves from runs' progress.csv")
-    pl.add_argument("runs", nargs="+")
-    pl.add_argument("-o", "--out", default="curves.png")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("-o", "--out", default="curves.png", help="PNG path (default curves.png)")
+    pl.add_argument("--group", action="store_true", help="one curve per run name without its seed and time: mean and 95%% band over seeds")
     return p
 
 
@@ -101,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides = {k: getattr(args, k) for k in ("save_every", "eval_every", "eval_episodes") if getattr(args, k) is not None}
         if args.no_progress:
             overrides["progress"] = False
+        if args.wandb:
+            overrides["wandb"] = True
         run = train(resume=args.resume, extend_to=args.steps, overrides=overrides)
     else:
         data: dict[str, Any] = load_config_file(args.config) if args.config else {}
@@ -133,6 +148,8 @@ def _train(args: argparse.Namespace) -> int:
                 _set_path(over, key, value)
         if args.no_progress:
             _set_path(over, "run.progress", False)
+        if args.wandb:
+            _set_path(over, "run.wandb", True)
         for item in args.set:
             if "=" not in item:
                 raise GenrlError(f"--set expects KEY=VALUE, got '{item}'")
@@ -200,9 +217,16 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from genrl.plot import plot_runs
+    from genrl.plot import plot_groups, plot_runs
 
-    print(plot_runs(args.runs, args.out))
+    print(plot_groups(args.runs, args.out) if args.group else plot_runs(args.runs, args.out))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from genrl.config import describe_config
+
+    print(describe_config(args.algo or "ppo", args.policy or "gaussian"))
     return 0
 
 
@@ -210,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     from genrl.runs import Interrupted
 
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets}
+    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets, "config": _config}
     try:
         return handlers[args.command](args)
-    except (GenrlError, ValueError, FileNotFoundError, TypeError) as exc:
+    except (GenrlError, ValueError, OSError, TypeError) as exc:
         if os.environ.get("GENRL_DEBUG"):
             raise
         print(f"genrl: error: {exc}", file=sys.stderr)

@@ -29,7 +29,10 @@ ALGOS = ("ppo",)
 @dataclass(frozen=True)
 class EnvConfig:
     env_id: str = "Hopper-v5"
-    """Any registered gymnasium id with Box observations and actions."""
+    """Any registered gymnasium id with Box observations and actions, or "module:EnvId" (the
+    module is imported first and registers the id, gymnasium's own convention)."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of ``gymnasium.make`` (e.g. {"ctrl_cost_weight": 0.1})."""
     n_envs: int = 1
     vectorization: str = "sync"
     """"sync" (fastest on few cores) or "async" (one subprocess per env)."""
@@ -73,6 +76,9 @@ class RunConfig:
     torch_threads: int = 1
     """Intra-op threads; 1 is fastest for small MLPs and avoids oversubscription."""
     device: str = "cpu"
+    wandb: bool = False
+    """Also log metrics and the config to Weights & Biases (``pip install genrl[wandb]``)."""
+    wandb_project: str = "genrl"
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
@@ -133,7 +139,12 @@ class TrainConfig:
             raise ConfigError(f"invalid policy_config for '{self.policy}': {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain data; ``policy_config`` resolved to every field of the family's config."""
+        from genrl_policies.base import config_to_dict
+
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        data["policy_config"] = config_to_dict(self.policy_config_object())
+        return data
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -197,7 +208,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 value = merge(dataclasses.asdict(factory()), value)  # type: ignore[misc]
             kwargs[key] = _build(hint_t, value, f"{where}.{key}" if where else key)
         else:
-            kwargs[key] = _coerce(value, fields[key].default, f"{where}.{key}" if where else key)
+            f = fields[key]
+            default = f.default if f.default is not dataclasses.MISSING or f.default_factory is dataclasses.MISSING else f.default_factory()
+            kwargs[key] = _coerce(value, default, f"{where}.{key}" if where else key)
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -224,6 +237,9 @@ def _coerce(value: Any, default: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         value = tuple(value)
+    elif isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table/mapping, got {value!r}")
     elif isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     return value
@@ -280,3 +296,55 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field), by field."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(algo: str = "ppo", policy: str = "gaussian") -> str:
+    """Every config key (dotted, as ``--set`` takes it) with its type, default and docstring."""
+    from genrl_policies.base import resolve_family
+
+    image = algo in IMAGE_ALGOS
+    root = ImageTrainConfig if image else TrainConfig
+    if not image and algo not in ALGOS:
+        raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(ALGOS + IMAGE_ALGOS)}")
+    lines = [f"# genrl config for --algo {algo}" + ("" if image else f" --policy {policy}"), "# key: type = default  (meaning)"]
+
+    def walk(cls: type, prefix: str, instance: Any) -> None:
+        docs = field_docs(cls)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.", value)
+                continue
+            if f.name == "policy_config":
+                family = resolve_family(policy)
+                pcfg = family.config_class()
+                pdocs = field_docs(family.config_class)
+                for pf in dataclasses.fields(pcfg):
+                    t = getattr(get_type_hints(family.config_class)[pf.name], "__name__", str(get_type_hints(family.config_class)[pf.name]))
+                    lines.append(f"policy_config.{pf.name}: {t} = {getattr(pcfg, pf.name)!r}" + (f"  ({pdocs[pf.name]})" if pf.name in pdocs else ""))
+                continue
+            t = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"{prefix}{f.name}: {t} = {value!r}" + (f"  ({docs[f.name]})" if f.name in docs else ""))
+
+    walk(root, "", root())
+    return "\n".join(lines)

@@ -254,7 +254,8 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> P
         (run_dir / "prompts.json").write_text(json.dumps(algo.env.prompts, indent=1))
     cfg.save(run_dir / "config.json")
     write_meta(run_dir, resumed=bool(candidates))
-    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress)
+    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress,
+                    wandb={"project": cfg.run.wandb_project, "config": cfg.to_dict()} if cfg.run.wandb else None)  # fmt: skip
     for m in messages:
         logger.message(m)
     if not candidates:

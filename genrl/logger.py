@@ -22,7 +22,14 @@ class Logger:
     the resumed run's logs read as one uninterrupted run.
     """
 
-    def __init__(self, run_dir: str | Path, total_steps: int, *, resume_step: int | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, run_dir: str | Path, total_steps: int, *, resume_step: int | None = None, progress: bool = True,
+        wandb: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """``progress``: a tqdm bar when stderr is a terminal, else (or when False) one text line
+        per ``log``; ``wandb``: {"project", "config"} to also log to Weights & Biases."""
+        import sys
+
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = Path(run_dir)
@@ -38,7 +45,10 @@ class Logger:
             self._rewrite()
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
         start = resume_step or 0
-        self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress, leave=True)
+        self.total = total_steps
+        self.lines = not (progress and sys.stderr.isatty())  # batch jobs: text lines, not a redrawn bar
+        self.bar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True, disable=self.lines, leave=True)
+        self.wandb = _wandb_run(self.run_dir, wandb) if wandb is not None else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         row: dict[str, Any] = {"step": step}
@@ -67,6 +77,10 @@ class Logger:
             post["sps"] = f"{row['time/sps']:.0f}"
         if post:
             self.bar.set_postfix(post, refresh=False)
+        if self.lines:
+            print(f"step {step}/{self.total}" + "".join(f" | {k} {v}" for k, v in post.items()), flush=True)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
 
     def hparams(self, config: dict[str, Any]) -> None:
         """A markdown table of the resolved config in TensorBoard's text tab (CleanRL's habit)."""
@@ -79,6 +93,8 @@ class Logger:
     def close(self) -> None:
         self.bar.close()
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def _rewrite(self) -> None:
         tmp = self.csv_path.with_suffix(".csv.tmp")
@@ -108,3 +124,20 @@ def read_csv(path: str | Path) -> dict[str, list[float]]:
             for k, v in row.items():
                 cols.setdefault(k, []).append(float(v) if v not in ("", None) else math.nan)
     return cols
+
+
+def _wandb_run(run_dir: Path, opts: dict[str, Any]) -> Any:
+    """A W&B run for this folder; its id is kept in ``wandb_id`` so a resumed run continues it."""
+    try:
+        import wandb
+    except ImportError:
+        from genrl.errors import ConfigError
+
+        raise ConfigError("run.wandb needs Weights & Biases: pip install 'genrl[wandb]' (or wandb)") from None
+    id_file = run_dir / "wandb_id"
+    import secrets
+
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=opts.get("project", "genrl"), name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                      config=opts.get("config"))  # fmt: skip

@@ -51,3 +51,55 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def group_name(run: str | Path) -> str:
+    """A run's name without its seed and time: ``Hopper-v5__gaussian__3__20261201-101500`` ->
+    ``Hopper-v5__gaussian``; ``hopper-s2`` / ``hopper_seed2`` -> ``hopper``."""
+    import re
+
+    name = Path(run).name
+    parts = name.split("__")
+    if len(parts) >= 4 and parts[-2].isdigit():
+        return "__".join(parts[:-2])
+    return re.sub(r"[-_]?(s|seed)\d+$", "", name) or name
+
+
+def plot_groups(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """One curve per group of runs (``group_name``): the mean training return over the group's
+    runs at each logged step and a 95% band (mean +- 1.96 standard errors; the runs' own steps
+    must match, as they do for one config over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict[str, list[Path]] = {}
+    for run in run_dirs:
+        if not (Path(run) / "progress.csv").is_file():
+            raise GenrlError(f"no progress.csv in {run}")
+        groups.setdefault(group_name(run), []).append(Path(run))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    image = False
+    for name, runs in groups.items():
+        cols = [read_csv(r / "progress.csv") for r in runs]
+        image = "rollout/ep_return" not in cols[0] and "reward/total" in cols[0]
+        key = "reward/total" if image else "rollout/ep_return"
+        n = min(len(c["step"]) for c in cols)
+        x = np.array(cols[0]["step"][:n])
+        y = np.array([c.get(key, [math.nan] * n)[:n] for c in cols], dtype=float)
+        mean = np.nanmean(y, 0)
+        half = 1.96 * np.nanstd(y, 0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
+        (line,) = ax.plot(x, mean, label=f"{name} (n={len(runs)})", lw=1.4)
+        ax.fill_between(x, mean - half, mean + half, alpha=0.2, color=line.get_color())
+    ax.set_xlabel("images sampled" if image else "environment steps")
+    ax.set_ylabel("reward" if image else "training episode return")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

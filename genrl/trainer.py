@@ -46,6 +46,7 @@ def build(cfg: TrainConfig) -> PPO:
         clip_obs=e.clip_obs,
         clip_reward=e.clip_reward,
         reward_scale=e.reward_scale,
+        env_kwargs=e.env_kwargs,
     )
     try:
         policy_cls = resolve_family(cfg.policy)
@@ -54,7 +55,8 @@ def build(cfg: TrainConfig) -> PPO:
             from genrl.algos.gorl import GoRL
 
             def refinement_env() -> Any:  # same env, fresh instance; GoRL copies the obs statistics in
-                return make_env(e.env_id, e.n_envs, vectorization=e.vectorization, normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs)
+                return make_env(e.env_id, e.n_envs, vectorization=e.vectorization, normalize_obs=e.normalize_obs, normalize_reward=False,
+                                clip_obs=e.clip_obs, env_kwargs=e.env_kwargs)  # fmt: skip
 
             return GoRL(
                 policy, env, cfg.ppo, cfg.gorl, total_steps=cfg.run.total_steps, seed=cfg.run.seed,
@@ -183,7 +185,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     write_meta(run_dir, resumed=bool(candidates))
-    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress)
+    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress,
+                    wandb={"project": cfg.run.wandb_project, "config": cfg.to_dict()} if cfg.run.wandb else None)  # fmt: skip
     for m in messages:
         logger.message(m)
     if not candidates:
@@ -222,7 +225,7 @@ def train(
     return run_dir
 
 
-RESUME_RUN_FIELDS = ("save_every", "save_minutes", "keep_checkpoints", "eval_every", "eval_episodes", "progress")
+RESUME_RUN_FIELDS = ("save_every", "save_minutes", "keep_checkpoints", "eval_every", "eval_episodes", "progress", "wandb")
 
 
 def apply_resume_changes(cfg: Any, extend_to: int | None, overrides: dict[str, Any] | None) -> Any:
@@ -253,7 +256,7 @@ def export_agent(algo: PPO, cfg: TrainConfig, out: Path) -> Path:
 
     spec = algo.env.spec
     agent = Agent(algo.policy, env_id=cfg.env.env_id, obs_normalizer=algo.env.obs_normalizer_state(), clip_obs=cfg.env.clip_obs,
-                  action_low=spec.action_low, action_high=spec.action_high, step=algo.global_step)  # fmt: skip
+                  action_low=spec.action_low, action_high=spec.action_high, step=algo.global_step, env_kwargs=cfg.env.env_kwargs)  # fmt: skip
     try:
         return agent.save(out)
     finally:

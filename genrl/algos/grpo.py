@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from genrl.advantages import aggregate_advantages
-from genrl.errors import ConfigError, NonFiniteLossError
+from genrl.errors import ConfigError, NonFiniteLossError, check_weights
 from genrl.losses import clipped_surrogate
 from genrl_policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference, sde_step
 
@@ -341,6 +341,7 @@ class GRPO:
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}")
         self.optimizer.step()
+        check_weights(self.params, f"at iteration {self.iteration}")
         self.optimizer_steps += 1
         self._ema_update()
         return float(gn)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from genrl_envs.base import BatchedEnv
 from genrl.advantages import gae
-from genrl.errors import ConfigError, NonFiniteLossError
+from genrl.errors import ConfigError, NonFiniteLossError, check_weights
 from genrl.losses import clipped_surrogate, explained_variance, value_loss
 from genrl_policies.base import PolicyModule, record_map
 from genrl_policies.nets import mlp
@@ -334,6 +334,7 @@ class PPO:
                 break
             if cfg.desired_kl is not None and cfg.kl_adapt_every == "epoch" and kls:
                 self._adapt_lr(sum(kls) / len(kls))
+        check_weights(self.params + self.aux_params, f"at step {self.global_step}")
         self.iteration += 1
         out = {f"train/{k}": float(v) / max(n_updates, 1) for k, v in sums.items()}
         if "entropy" not in sums:
