@@ -27,7 +27,10 @@ from genrl_envs.base import EnvError
 from genrl_envs.rewards import RewardSet
 
 #: ``--model digits``: the SD3-architecture digits model built by scripts/pretrain_digits.py
-DIGITS_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "digits-sd3"
+try:  # installed package data (genrl_assets), which is the repository's assets/ in a clone
+    from genrl_assets import DIGITS_MODEL_DIR
+except ImportError:  # pragma: no cover - a source tree without the install
+    DIGITS_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "digits-sd3"
 SIDECAR = "genrl_t2i.json"
 SUPPORTED_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 
@@ -60,7 +63,7 @@ def resolve_model_dir(model: str | Path) -> Path:
     if str(model) == "digits":
         path = DIGITS_MODEL_DIR
         if not (path / "model_index.json").is_file():
-            raise EnvError(f"the digits model is missing at {path}; build it with: python scripts/pretrain_digits.py")
+            raise EnvError(f"the digits model is missing at {path}; reinstall genrl, or in a clone rebuild it: python scripts/pretrain_digits.py")
         return path
     path = Path(model).expanduser()
     if not path.exists():
