@@ -117,7 +117,10 @@ def read_prompts(source: str | Path | list[str] | None, default: str | None = No
             path = Path(name).expanduser()
             if not path.is_file():
                 raise EnvError(f"prompts file {path} does not exist (built-in sets: digits)")
-            text = path.read_text(encoding="utf-8", errors="strict")
+            try:
+                text = path.read_text(encoding="utf-8", errors="strict")
+            except UnicodeDecodeError:
+                raise EnvError(f"prompts file {path} is not UTF-8 text (one prompt per line, or a JSON list)") from None
             if path.suffix == ".json":
                 try:
                     data = json.loads(text)

@@ -133,8 +133,14 @@ class TrainConfig:
         from genrl_policies.base import config_from_dict, resolve_family
 
         cls = resolve_family(self.policy).config_class
+        defaults, hints = cls(), get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {
+            k: _coerce(v, getattr(defaults, k), f"policy_config.{k}", hints[k]) if k in names else v
+            for k, v in self.policy_config.items()
+        }  # names the field in type errors; unknown keys are refused below with the valid names
         try:
-            return config_from_dict(cls, self.policy_config)
+            return config_from_dict(cls, data)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid policy_config for '{self.policy}': {exc}") from None
 
@@ -210,15 +216,40 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         else:
             f = fields[key]
             default = f.default if f.default is not dataclasses.MISSING or f.default_factory is dataclasses.MISSING else f.default_factory()
-            kwargs[key] = _coerce(value, default, f"{where}.{key}" if where else key)
+            kwargs[key] = _coerce(value, default, f"{where}.{key}" if where else key, hint_t)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"[{where}]: {exc}") from None
 
 
-def _coerce(value: Any, default: Any, name: str) -> Any:
-    """Check a value against its default's type; lists become tuples where tuples are expected."""
+_EXEMPLARS = {float: 0.0, int: 0, str: "", bool: False, tuple: (), dict: {}}
+
+
+def _exemplar(hint: Any) -> Any:
+    """A value of the non-None type of an ``X | None`` hint (None if there is no single one)."""
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            base = typing.get_origin(args[0]) or args[0]
+            return _EXEMPLARS.get(base)
+    return None
+
+
+def _coerce(value: Any, default: Any, name: str, hint: Any = None) -> Any:
+    """Check a value against its default's type (or, for a None default, its ``X | None`` hint);
+    lists become tuples where tuples are expected, scalars become text where text is expected."""
+    if default is None and hint is not None:
+        if value is None:
+            return None
+        default = _exemplar(hint)
+    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool) or (
+        isinstance(default, str) and type(value).__name__ in ("date", "datetime", "time")
+    ):
+        return str(value)  # --set run.out=123 or =2024-06-01: TOML parsed a number or date, a name was meant
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true/false, got {value!r}")

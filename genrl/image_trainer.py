@@ -69,7 +69,8 @@ def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
         save_file({"generator": st["generator"], "torch_global": torch.get_rng_state(), **st.get("ema", {})}, str(tmp / "trainer.safetensors"))
         torch.save(st["optimizer"], tmp / "optimizer.pt")
         state = {"format_version": FORMAT_VERSION, "kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune,
-                 "iteration": st["iteration"], "global_step": algo.global_step, "optimizer_steps": st["optimizer_steps"]}  # fmt: skip
+                 "iteration": st["iteration"], "global_step": algo.global_step, "optimizer_steps": st["optimizer_steps"],
+                 "config": cfg.to_dict()}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state))
         return publish_dir(tmp, root / str(algo.global_step))
     finally:
@@ -81,6 +82,9 @@ def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
     if missing:
         raise CheckpointError(f"{ckpt} is not a complete text-to-image checkpoint (missing {', '.join(missing)})")
     state = read_state_json(ckpt)
+    from genrl.trainer import check_same_config
+
+    check_same_config(state.get("config"), cfg.to_dict(), ckpt)
     if state.get("format_version") != FORMAT_VERSION or state.get("kind") != "t2i":
         raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint of format {FORMAT_VERSION}")
     if state.get("algo") != cfg.algo or state.get("finetune") != cfg.grpo.finetune:
@@ -246,6 +250,9 @@ def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> P
     if candidates:
         restore_first_readable(candidates, lambda ckpt: restore_image_state(algo, cfg, ckpt), messages.append)
     total = algo.n_iterations * algo.images_per_iter
+    if candidates and algo.iteration >= algo.n_iterations:
+        print(f"{run_dir} is already complete at image {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
+        return run_dir
     if total != cfg.run.total_steps:
         messages.append(f"total images {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.images_per_iter}")
         cfg = replace(cfg, run=replace(cfg.run, total_steps=total))

@@ -37,11 +37,16 @@ class Logger:
         self.rows: list[dict[str, Any]] = []
         self.keys: list[str] = ["step"]
         if resume_step is not None and self.csv_path.is_file():
-            with self.csv_path.open() as f:
-                for row in csv.DictReader(f):
-                    if int(float(row["step"])) <= resume_step:
-                        self.rows.append(row)
-                        self.keys += [k for k in row if k not in self.keys]
+            try:
+                with self.csv_path.open() as f:
+                    for row in csv.DictReader(f):
+                        if int(float(row["step"])) <= resume_step:
+                            self.rows.append(row)
+                            self.keys += [k for k in row if k not in self.keys]
+            except (UnicodeDecodeError, csv.Error, KeyError, ValueError, TypeError):
+                from genrl.errors import CheckpointError
+
+                raise CheckpointError(f"corrupt {self.csv_path}: move it away to resume without the earlier log rows") from None
             self._rewrite()
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
         start = resume_step or 0
@@ -117,12 +122,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_csv(path: str | Path) -> dict[str, list[float]]:
-    """Columns of a ``progress.csv`` as float lists (missing cells are NaN)."""
+    """Columns of a ``progress.csv`` as float lists (missing cells are NaN); GenrlError if it is
+    not a progress log."""
+    from genrl.errors import GenrlError
+
     cols: dict[str, list[float]] = {}
-    with Path(path).open() as f:
-        for row in csv.DictReader(f):
-            for k, v in row.items():
-                cols.setdefault(k, []).append(float(v) if v not in ("", None) else math.nan)
+    try:
+        with Path(path).open() as f:
+            for row in csv.DictReader(f):
+                for k, v in row.items():
+                    cols.setdefault(k, []).append(float(v) if v not in ("", None) else math.nan)
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError):
+        raise GenrlError(f"corrupt {path}: not a genrl progress log") from None
     return cols
 
 

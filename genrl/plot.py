@@ -19,12 +19,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    logs = [_read_log(run) for run in run_dirs]
+    _read_logs_kind(run_dirs)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for i, run in enumerate(run_dirs):
-        csv_path = Path(run) / "progress.csv"
-        if not csv_path.is_file():
-            raise GenrlError(f"no progress.csv in {run}")
-        cols = read_csv(csv_path)
+        cols = logs[i]
         label = labels[i] if labels else Path(run).name
         steps = cols.get("step", [])
         image_run = "rollout/ep_return" not in cols and "reward/total" in cols
@@ -40,13 +39,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] 
             if pts:
                 kw = {"color": line.get_color()} if line is not None else {}
                 ax.plot(*zip(*pts), "o--", ms=4, label=f"{label} (eval)", **kw)
-    images = all("rollout/ep_return" not in read_csv(Path(r) / "progress.csv") for r in run_dirs)
+    images = all("rollout/ep_return" not in c for c in logs)
     ax.set_xlabel("images sampled" if images else "environment steps")
     ax.set_ylabel("reward" if images else "episode return")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    out = _png(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
@@ -77,9 +76,9 @@ def plot_groups(run_dirs: list[str | Path], out: str | Path) -> Path:
 
     groups: dict[str, list[Path]] = {}
     for run in run_dirs:
-        if not (Path(run) / "progress.csv").is_file():
-            raise GenrlError(f"no progress.csv in {run}")
+        _read_log(run)
         groups.setdefault(group_name(run), []).append(Path(run))
+    _read_logs_kind(run_dirs)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     image = False
     for name, runs in groups.items():
@@ -98,8 +97,30 @@ def plot_groups(run_dirs: list[str | Path], out: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    out = _png(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _read_log(run: str | Path) -> dict[str, list[float]]:
+    csv_path = Path(run) / "progress.csv"
+    if not csv_path.is_file():
+        raise GenrlError(f"no progress.csv in {run}")
+    cols = read_csv(csv_path)
+    if not cols.get("step"):
+        raise GenrlError(f"{csv_path} has no logged rows yet")
+    return cols
+
+
+def _read_logs_kind(run_dirs: list[str | Path]) -> None:
+    kinds = {"reward/total" in _read_log(r) for r in run_dirs}  # text-to-image logs have reward/total
+    if len(kinds) > 1:
+        raise GenrlError("cannot plot control runs (episode return vs env steps) and text-to-image runs (reward vs images) on one axes")
+
+
+def _png(out: str | Path) -> Path:
+    """matplotlib adds .png to a name without a suffix: say the name it writes."""
+    out = Path(out)
+    return out if out.suffix else out.with_suffix(".png")

@@ -33,7 +33,7 @@ import torch
 from genrl.checkpoint import checkpoint_steps
 from genrl.errors import CheckpointError, ConfigError, NonFiniteLossError
 
-RUN_FILES = ("config.json", "progress.csv", "meta.json", "checkpoints", "tb", "curves.png", "final", "images", "videos", "prompts.txt")
+RUN_FILES = ("config.json", "progress.csv", "meta.json", "checkpoints", "tb", "curves.png", "final", "images", "videos", "prompts.json", "wandb", "wandb_id")
 
 
 class Interrupted(Exception):
@@ -86,8 +86,15 @@ def check_fresh_out(run_dir: Path) -> None:
         return
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {run_dir}: no permission to write there")
-    if checkpoint_steps(run_dir) or (run_dir / "progress.csv").exists():
+    if checkpoint_steps(run_dir):
         raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or pick another --out")
+    if is_run_dir(run_dir):  # a genrl run that stopped before its first checkpoint: nothing to keep
+        for name in RUN_FILES:
+            if name != "meta.json":
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        print(f"{run_dir} held a run that stopped before its first checkpoint: starting it again")
+        return
     entries = [p.name for p in run_dir.iterdir()]
     if entries and not is_run_dir(run_dir):
         shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")

@@ -89,6 +89,7 @@ def save_state(algo: PPO, cfg: TrainConfig, run_dir: Path) -> Path:
             "algo": cfg.algo,
             "env_id": cfg.env.env_id,
             "numpy_global": _np_state(),
+            "config": cfg.to_dict(),  # what wrote this checkpoint: resume refuses a hand-edited config.json
             **({"gorl": st["gorl"]} if "gorl" in st else {}),  # GoRL's stage counter
         },
     )
@@ -98,6 +99,7 @@ def restore_state(algo: PPO, cfg: TrainConfig, ckpt_dir: Path) -> None:
     """Load a checkpoint written by ``save_state`` into a freshly built ``algo``."""
     data = load_checkpoint(ckpt_dir)
     state = data["state"]
+    check_same_config(state.get("config"), cfg.to_dict(), ckpt_dir)
     if state.get("family") != cfg.policy or state.get("algo") != cfg.algo:
         raise CheckpointError(
             f"{ckpt_dir} holds a {state.get('family')}/{state.get('algo')} run, the config says {cfg.policy}/{cfg.algo}"
@@ -179,6 +181,10 @@ def train(
         restore.used = False  # type: ignore[attr-defined]
         algo = restore_first_readable(candidates, restore, messages.append)
     total = algo.n_iterations * algo.steps_per_iter
+    if candidates and algo.iteration >= algo.n_iterations:
+        algo.env.close()
+        print(f"{run_dir} is already complete at step {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
+        return run_dir
     if total != cfg.run.total_steps:
         messages.append(f"total steps {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.steps_per_iter} (n_steps x n_envs)")
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, total_steps=total))
@@ -243,6 +249,24 @@ def apply_resume_changes(cfg: Any, extend_to: int | None, overrides: dict[str, A
     from genrl.config import config_from_dict, merge
 
     return config_from_dict(merge(cfg.to_dict(), {"run": changes}))
+
+
+def check_same_config(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: Path) -> None:
+    """ConfigError if the run's settings changed since ``ckpt`` was written (the ``run`` fields
+    that may change on resume excepted): a resumed run must be the run that was started."""
+    if saved is None:  # checkpoints written before configs were recorded
+        return
+    from genrl.presets import flatten
+
+    free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads")}
+    a, b = flatten(saved), flatten(now)
+    changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    if changed:
+        k = changed[0]
+        raise ConfigError(
+            f"config.json differs from what wrote checkpoint {ckpt.name} ({k}: {a.get(k)!r} -> {b.get(k)!r}"
+            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); a resumed run keeps its settings: start a new run to change them"
+        )
 
 
 def check_device(device: str) -> None:

@@ -138,3 +138,88 @@ def test_wandb_logging_offline(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "genrl.cli", "train", "--env", "Pendulum-v1", "--steps", "128", "--out", str(out), *TINY, "--wandb"]
     subprocess.run(cmd, env=env, check=True, timeout=300, capture_output=True)
     assert (out / "wandb_id").is_file() and any((out / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("ppo.target_kl=abc", "ppo.target_kl must be a number, got 'abc'"),
+        ("policy_config.hidden_sizes=64", "policy_config.hidden_sizes must be a list, got 64"),
+        ("policy_config.n_experts=abc", "policy_config.n_experts must be an integer, got 'abc'"),
+    ],
+)
+def test_type_errors_name_the_field(setting: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["train", "--env", "Pendulum-v1", "--policy", "pmoe", "--out", str(tmp_path / "r"), "--set", setting]
+    assert cli.main(argv) == 2
+    assert expected in one_error_line(capsys)
+
+
+def test_dates_and_numbers_are_names_where_names_are_expected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from genrl.cli import _parse_value
+    from genrl.config import config_from_dict
+
+    assert config_from_dict({"run": {"out": _parse_value("2024-06-01")}}).run.out == "2024-06-01"
+    assert config_from_dict({"run": {"out": _parse_value("123")}}).run.out == "123"
+    with pytest.raises(ValueError, match="grpo.guidance_scale must be a number, got 'high'"):
+        config_from_dict({"env": "t2i", "grpo": {"guidance_scale": "high"}})
+
+
+def test_binary_prompts_file_is_named(tmp_path: Path) -> None:
+    from genrl_envs.t2i import EnvError, read_prompts
+
+    bad = tmp_path / "p.txt"
+    bad.write_bytes(b"\xd1\xff\xfe")
+    with pytest.raises(EnvError, match="not UTF-8 text"):
+        read_prompts(str(bad))
+
+
+def test_resume_edge_cases(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    base = ["train", "--env", "Pendulum-v1", "--steps", "256", "--out", str(run), *TINY]
+    assert cli.main(base) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # a finished run: says so, changes nothing
+    assert "already complete at step 256" in capsys.readouterr().out
+    cfg_path = run / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["ppo"]["learning_rate"] = 0.1  # hand-edited
+    cfg_path.write_text(json.dumps(cfg))
+    assert cli.main(["train", "--resume", str(run), "--steps", "512"]) == 2
+    assert "ppo.learning_rate: 0.0003 -> 0.1" in one_error_line(capsys)
+    cfg["ppo"]["learning_rate"] = 0.0003
+    cfg_path.write_text(json.dumps(cfg))
+    (run / "progress.csv").write_bytes(b"\xff\xfe garbage")
+    assert cli.main(["train", "--resume", str(run), "--steps", "512"]) == 2
+    assert "corrupt" in one_error_line(capsys) and "progress.csv" in capsys.readouterr().err + "progress.csv"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    argv = ["train", "--env", "Pendulum-v1", "--steps", "256", "--out", str(run), *TINY, "--save-every", "0",
+            "--set", "ppo.learning_rate=1e9", "--set", "ppo.anneal_lr=false"]  # fmt: skip
+    assert cli.main(argv) == 2  # diverges before any checkpoint
+    assert (run / "progress.csv").exists() or (run / "config.json").exists()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert f"start it again with --out {run}" in one_error_line(capsys)
+    sane = [a if a != "ppo.learning_rate=1e9" else "ppo.learning_rate=3e-4" for a in argv]
+    assert cli.main(sane) == 0  # the same --out again: no dead end
+    assert "starting it again" in capsys.readouterr().out
+
+
+def test_plot_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert cli.main(["train", "--env", "Pendulum-v1", "--steps", "128", "--out", str(run), *TINY]) == 0
+    capsys.readouterr()
+    assert cli.main(["plot", str(run), "-o", str(tmp_path / "curves")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "curves.png") and (tmp_path / "curves.png").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "progress.csv").write_text("step,rollout/ep_return\n")
+    assert cli.main(["plot", str(empty), "-o", str(tmp_path / "e.png")]) == 2
+    assert "no logged rows" in one_error_line(capsys)
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "progress.csv").write_text("step,reward/total\n32,0.5\n")
+    assert cli.main(["plot", str(run), str(image), "-o", str(tmp_path / "m.png")]) == 2
+    assert "one axes" in one_error_line(capsys)
