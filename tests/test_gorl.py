@@ -536,7 +536,8 @@ def test_config_section_is_strict_and_gorl_only() -> None:
     assert resolve_family("gorl") is GoRLPolicy
     cfg = config_from_dict({"policy": "gorl", "gorl": {"stage_fractions": [0.5, 0.5], "refine_steps": 1000}})
     assert cfg.gorl.stage_fractions == (0.5, 0.5) and cfg.gorl.refine_steps == 1000
-    assert config_from_dict(cfg.to_dict()) == cfg  # round-trips through config.json
+    back = config_from_dict(cfg.to_dict())  # round-trips through config.json (which holds the resolved policy config)
+    assert back.to_dict() == cfg.to_dict() and back.policy_config_object() == cfg.policy_config_object() and back.gorl == cfg.gorl
     with pytest.raises(ConfigError, match="did you mean 'refine_steps'"):
         config_from_dict({"policy": "gorl", "gorl": {"refine_step": 10}})
     with pytest.raises(ConfigError, match="only to policy 'gorl'"):
