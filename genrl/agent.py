@@ -99,7 +99,7 @@ class Agent:
                 raise CheckpointError(f"{run} has no checkpoint at step {step}; steps: {checkpoint_steps(run)}")
         else:
             raise CheckpointError(f"{path} is not a genrl run, checkpoint or exported agent")
-        from genrl.trainer import load_run_config
+        from genrl.runs import load_run_config
 
         cfg = load_run_config(run)
         if not hasattr(cfg, "policy"):

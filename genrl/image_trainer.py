@@ -25,7 +25,7 @@ from genrl.config import ImageTrainConfig
 from genrl.errors import CheckpointError
 from genrl.logger import Logger
 from genrl.plot import plot_runs
-from genrl.runs import CheckpointSchedule, Interrupted, StopSignals, crossed, guarded_iterate, open_run, restore_first_readable, seed_everything, write_meta
+from genrl.runs import check_same_config, seed_everything
 
 FORMAT_VERSION = 1
 _FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json")
@@ -82,8 +82,6 @@ def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
     if missing:
         raise CheckpointError(f"{ckpt} is not a complete text-to-image checkpoint (missing {', '.join(missing)})")
     state = read_state_json(ckpt)
-    from genrl.trainer import check_same_config
-
     check_same_config(state.get("config"), cfg.to_dict(), ckpt)
     if state.get("format_version") != FORMAT_VERSION or state.get("kind") != "t2i":
         raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint of format {FORMAT_VERSION}")
@@ -233,71 +231,53 @@ def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -
 
 
 def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
-    """Train (or resume) a text-to-image run and return its folder."""
-    opened, run_dir, candidates = open_run(cfg, resume)
-    if not isinstance(opened, ImageTrainConfig):
-        raise CheckpointError(f"{run_dir} is not a text-to-image run")
-    return run_image(opened, run_dir, candidates)
+    """Train (or resume) a text-to-image run and return its folder (``genrl.trainer.train``)."""
+    from genrl.trainer import train
+
+    if cfg is not None and not isinstance(cfg, ImageTrainConfig):
+        raise CheckpointError("train_image() takes an ImageTrainConfig")
+    return train(cfg, resume=resume)
 
 
-def run_image(cfg: ImageTrainConfig, run_dir: Path, candidates: list[Path]) -> Path:
-    """The run loop for an opened run folder (``candidates`` empty: a fresh run)."""
-    torch.set_num_threads(cfg.run.torch_threads)
-    algo = build_image(cfg, run_dir if candidates else None)  # validates model, prompts and rewards first
-    messages: list[str] = []
-    if not candidates:
-        cfg = pin_paths(cfg)
-    if candidates:
-        restore_first_readable(candidates, lambda ckpt: restore_image_state(algo, cfg, ckpt), messages.append)
-    total = algo.n_iterations * algo.images_per_iter
-    if candidates and algo.iteration >= algo.n_iterations:
-        print(f"{run_dir} is already complete at image {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
-        return run_dir
-    if total != cfg.run.total_steps:
-        messages.append(f"total images {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.images_per_iter}")
-        cfg = replace(cfg, run=replace(cfg.run, total_steps=total))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not candidates:  # the run keeps its own prompts: an edited file cannot change a resume
-        (run_dir / "prompts.json").write_text(json.dumps(algo.env.prompts, indent=1))
-    cfg.save(run_dir / "config.json")
-    write_meta(run_dir, resumed=bool(candidates))
-    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress,
-                    wandb={"project": cfg.run.wandb_project, "config": cfg.to_dict()} if cfg.run.wandb else None)  # fmt: skip
-    for m in messages:
-        logger.message(m)
-    if not candidates:
-        logger.hparams(cfg.to_dict())
-        logger.message(f"fine-tuning {cfg.model} with {cfg.algo}, seed {cfg.run.seed}, into {run_dir}")
-        logger.log(evaluate_grid(algo, cfg, run_dir, 0), 0)  # the "before" grid and rewards
-    else:
-        logger.message(f"resuming {run_dir} from image {algo.global_step} of {total}")
-    schedule = CheckpointSchedule(cfg.run, total, algo.images_per_iter)
-    last: dict[str, float] = {}
-    try:
-        with StopSignals(logger.message) as stop:
-            while algo.iteration < algo.n_iterations:
-                prev = algo.global_step
-                metrics = guarded_iterate(algo, run_dir)
-                step = algo.global_step
-                final = algo.iteration == algo.n_iterations
-                if final or crossed(prev, step, cfg.run.eval_every):
-                    metrics.update(evaluate_grid(algo, cfg, run_dir, step))
-                    last = metrics
-                logger.log(metrics, step)
-                if schedule.due(prev, step, final) or stop.requested:
-                    save_image_state(algo, cfg, run_dir)
-                    schedule.saved(run_dir)
-                if stop.requested and not final:
-                    raise Interrupted(f"{stop.requested} at image {step}: checkpoint written; continue with genrl train --resume {run_dir}")
-    finally:
-        logger.close()
-    with algo.ema_weights():  # the EMA weights when grpo.ema is on (Flow-GRPO saves those)
-        export_model(algo, cfg, run_dir / "final")
-    model_card(cfg, run_dir, algo.global_step, last)
-    before_after(run_dir, algo.global_step)
-    normal_permissions(run_dir / "final")
-    plot_runs([run_dir], run_dir / "curves.png")
-    return run_dir
+class ImageTask:
+    """Flow-GRPO / G2RPO on a text-to-image env: grids before, during and after, a LoRA (or the
+    full pipeline) in ``final/`` with a model card."""
+
+    unit = "image"
+
+    def __init__(self, cfg: ImageTrainConfig, run_dir: Path, *, fresh: bool) -> None:
+        self.run_dir = run_dir
+        self.algo = build_image(cfg, None if fresh else run_dir)  # validates model, prompts and rewards first
+        self.cfg = pin_paths(cfg) if fresh else cfg
+
+    def restore(self, ckpt: Path) -> None:
+        restore_image_state(self.algo, self.cfg, ckpt)
+
+    def prepare(self, run_dir: Path, fresh: bool) -> None:
+        if fresh:  # the run keeps its own prompts: an edited file cannot change a resume
+            (run_dir / "prompts.json").write_text(json.dumps(self.algo.env.prompts, indent=1))
+
+    def start_message(self, run_dir: Path) -> str:
+        return f"fine-tuning {self.cfg.model} with {self.cfg.algo}, seed {self.cfg.run.seed}, into {run_dir}"
+
+    def begin(self, logger: Logger) -> None:
+        logger.log(evaluate_grid(self.algo, self.cfg, logger.run_dir, 0), 0)  # the "before" grid and rewards
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return evaluate_grid(self.algo, self.cfg, self.run_dir, step)
+
+    def save(self, run_dir: Path) -> Path:
+        return save_image_state(self.algo, self.cfg, run_dir)
+
+    def finish(self, run_dir: Path, last_eval: dict[str, float]) -> None:
+        with self.algo.ema_weights():  # the EMA weights when grpo.ema is on (Flow-GRPO saves those)
+            export_model(self.algo, self.cfg, run_dir / "final")
+        model_card(self.cfg, run_dir, self.algo.global_step, last_eval)
+        before_after(run_dir, self.algo.global_step)
+        normal_permissions(run_dir / "final")
+
+    def close(self) -> None:
+        pass
 
 
 def evaluate_run(run: str | Path, *, step: int | None = None, seeds: int = 4, prompts: list[str] | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from genrl.errors import GenrlError
 from genrl.logger import read_csv
@@ -40,16 +41,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, *, labels: list[str] 
                 kw = {"color": line.get_color()} if line is not None else {}
                 ax.plot(*zip(*pts), "o--", ms=4, label=f"{label} (eval)", **kw)
     images = all("rollout/ep_return" not in c for c in logs)
-    ax.set_xlabel("images sampled" if images else "environment steps")
-    ax.set_ylabel("reward" if images else "episode return")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = _png(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out, images, "reward" if images else "episode return")
 
 
 def group_name(run: str | Path) -> str:
@@ -92,16 +84,7 @@ def plot_groups(run_dirs: list[str | Path], out: str | Path) -> Path:
         half = 1.96 * np.nanstd(y, 0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.zeros_like(mean)
         (line,) = ax.plot(x, mean, label=f"{name} (n={len(runs)})", lw=1.4)
         ax.fill_between(x, mean - half, mean + half, alpha=0.2, color=line.get_color())
-    ax.set_xlabel("images sampled" if image else "environment steps")
-    ax.set_ylabel("reward" if image else "training episode return")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = _png(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out, image, "reward" if image else "training episode return")
 
 
 def _read_log(run: str | Path) -> dict[str, list[float]]:
@@ -124,3 +107,19 @@ def _png(out: str | Path) -> Path:
     """matplotlib adds .png to a name without a suffix: say the name it writes."""
     out = Path(out)
     return out if out.suffix else out.with_suffix(".png")
+
+
+def _finish(fig: Any, ax: Any, out: str | Path, images: bool, ylabel: str) -> Path:
+    """Label, lay out and write the figure; returns the PNG path written."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel("images sampled" if images else "environment steps")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = _png(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

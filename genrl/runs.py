@@ -36,6 +36,10 @@ from genrl.errors import CheckpointError, ConfigError, NonFiniteLossError
 RUN_FILES = ("config.json", "progress.csv", "meta.json", "checkpoints", "tb", "curves.png", "final", "images", "videos", "prompts.json", "wandb", "wandb_id")
 
 
+RESUME_RUN_FIELDS = ("save_every", "save_minutes", "keep_checkpoints", "eval_every", "eval_episodes", "progress", "wandb")
+"""``run`` fields a resumed run may change (they do not change its trajectory)."""
+
+
 class Interrupted(Exception):
     """A run stopped by SIGINT / SIGTERM after writing a checkpoint."""
 
@@ -259,3 +263,21 @@ def _git_commit() -> str | None:
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def check_same_config(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: Path) -> None:
+    """ConfigError if the run's settings changed since ``ckpt`` was written (the ``run`` fields
+    that may change on resume excepted): a resumed run must be the run that was started."""
+    if saved is None:  # checkpoints written before configs were recorded
+        return
+    from genrl.presets import flatten
+
+    free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads")}
+    a, b = flatten(saved), flatten(now)
+    changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    if changed:
+        k = changed[0]
+        raise ConfigError(
+            f"config.json differs from what wrote checkpoint {ckpt.name} ({k}: {a.get(k)!r} -> {b.get(k)!r}"
+            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); a resumed run keeps its settings: start a new run to change them"
+        )

@@ -16,12 +16,14 @@ import torch
 from genrl_envs import make_env
 from genrl.algos.ppo import PPO
 from genrl.checkpoint import load_checkpoint, save_checkpoint
+from genrl.algos.base import Task
 from genrl.config import TrainConfig
 from genrl.errors import CheckpointError, ConfigError
 from genrl.runs import (
     CheckpointSchedule, Interrupted, StopSignals, crossed, guarded_iterate, open_run, restore_first_readable,
     seed_everything, write_meta,
 )  # fmt: skip
+from genrl.runs import RESUME_RUN_FIELDS, check_same_config
 from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.trainer.load_run_config
 from genrl.evaluate import evaluate
 from genrl.logger import Logger
@@ -138,6 +140,14 @@ def _set_np_state(s: dict[str, Any]) -> None:
     np.random.set_state((s["name"], np.array(s["keys"], dtype=np.uint32), s["pos"], s["has_gauss"], s["cached"]))
 
 
+#: algorithm name -> the Task that runs it ("module:Class", imported when used)
+TASKS: dict[str, str] = {
+    "ppo": "genrl.trainer:ControlTask",
+    "flow-grpo": "genrl.image_trainer:ImageTask",
+    "g2rpo": "genrl.image_trainer:ImageTask",
+}
+
+
 def train(
     cfg: TrainConfig | ImageTrainConfig | None = None, *, resume: str | Path | None = None, extend_to: int | None = None,
     overrides: dict[str, Any] | None = None,
@@ -155,40 +165,33 @@ def train(
         ConfigError, CheckpointError, NonFiniteLossError (earlier checkpoints are left intact),
         Interrupted (SIGINT / SIGTERM: a checkpoint of the last whole iteration was written).
     """
-    from genrl.config import ImageTrainConfig
+    import importlib
 
     cfg, run_dir, candidates = open_run(cfg, resume)
     cfg = apply_resume_changes(cfg, extend_to, overrides)
     check_device(cfg.run.device)
-    if isinstance(cfg, ImageTrainConfig):
-        from genrl.image_trainer import run_image
-
-        return run_image(cfg, run_dir, candidates)
     torch.set_num_threads(cfg.run.torch_threads)
-    algo = build(cfg)  # validates everything before the run folder is touched
+    module, cls = TASKS[cfg.algo].split(":")
+    task = getattr(importlib.import_module(module), cls)(cfg, run_dir, fresh=not candidates)  # validates before the folder is touched
+    return run(task, run_dir, candidates)
+
+
+def run(task: Task, run_dir: Path, candidates: list[Path]) -> Path:
+    """The run loop, for every algorithm: (resume) -> iterate -> log -> evaluate -> checkpoint -> finish."""
     messages: list[str] = []
     if candidates:
-        def restore(ckpt: Path) -> PPO:
-            fresh = build(cfg) if restore.used else algo  # type: ignore[attr-defined]
-            restore.used = True  # type: ignore[attr-defined]
-            try:
-                restore_state(fresh, cfg, ckpt)
-            except BaseException:
-                fresh.env.close()
-                raise
-            return fresh
-
-        restore.used = False  # type: ignore[attr-defined]
-        algo = restore_first_readable(candidates, restore, messages.append)
+        restore_first_readable(candidates, task.restore, messages.append)
+    algo, cfg, unit = task.algo, task.cfg, task.unit
     total = algo.n_iterations * algo.steps_per_iter
     if candidates and algo.iteration >= algo.n_iterations:
-        algo.env.close()
-        print(f"{run_dir} is already complete at step {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
+        task.close()
+        print(f"{run_dir} is already complete at {unit} {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
         return run_dir
     if total != cfg.run.total_steps:
-        messages.append(f"total steps {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.steps_per_iter} (n_steps x n_envs)")
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, total_steps=total))
+        messages.append(f"total {unit}s {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.steps_per_iter}")
+        task.cfg = cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, total_steps=total))
     run_dir.mkdir(parents=True, exist_ok=True)
+    task.prepare(run_dir, fresh=not candidates)
     cfg.save(run_dir / "config.json")
     write_meta(run_dir, resumed=bool(candidates))
     logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress,
@@ -197,12 +200,12 @@ def train(
         logger.message(m)
     if not candidates:
         logger.hparams(cfg.to_dict())
-        logger.message(f"training {cfg.env.env_id} with {cfg.policy}, seed {cfg.run.seed}, into {run_dir}")
+        logger.message(task.start_message(run_dir))
+        task.begin(logger)
     else:
-        logger.message(f"resuming {run_dir} from step {algo.global_step} of {total}")
-    eval_seed = cfg.run.seed + 10_000
+        logger.message(f"resuming {run_dir} from {unit} {algo.global_step} of {total}")
     schedule = CheckpointSchedule(cfg.run, total, algo.steps_per_iter)
-    metrics: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
     try:
         with StopSignals(logger.message) as stop:
             while algo.iteration < algo.n_iterations:
@@ -211,27 +214,65 @@ def train(
                 step = algo.global_step
                 final = algo.iteration == algo.n_iterations
                 if final or crossed(prev, step, cfg.run.eval_every):
-                    metrics.update(
-                        evaluate(algo.policy, cfg.env, algo.env.obs_normalizer_state(), episodes=cfg.run.eval_episodes, seed=eval_seed)
-                    )
+                    metrics.update(task.evaluate(step))
+                    last_eval = metrics
                 logger.log(metrics, step)
                 if schedule.due(prev, step, final) or stop.requested:
-                    save_state(algo, cfg, run_dir)
+                    task.save(run_dir)
                     schedule.saved(run_dir)
                 if stop.requested and not final:
-                    raise Interrupted(f"{stop.requested} at step {step}: checkpoint written; continue with genrl train --resume {run_dir}")
+                    raise Interrupted(f"{stop.requested} at {unit} {step}: checkpoint written; continue with genrl train --resume {run_dir}")
     finally:
         logger.close()
-        algo.env.close()
-    export_agent(algo, cfg, run_dir / "final")
+        task.close()
+    task.finish(run_dir, last_eval)
     plot_runs([run_dir], run_dir / "curves.png")
-    if "eval/return_mean" in metrics:
-        print(f"final evaluation: return {metrics['eval/return_mean']:.2f} +/- {metrics['eval/return_std']:.2f} "
-              f"over {cfg.run.eval_episodes} episodes; logs: tensorboard --logdir {run_dir / 'tb'}")  # fmt: skip
     return run_dir
 
 
-RESUME_RUN_FIELDS = ("save_every", "save_minutes", "keep_checkpoints", "eval_every", "eval_episodes", "progress", "wandb")
+class ControlTask:
+    """PPO (and GoRL around it) on a gymnasium back end: evaluation episodes, an exported agent."""
+
+    unit = "step"
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, fresh: bool) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.algo = build(cfg)
+        self._restored = False
+
+    def restore(self, ckpt: Path) -> None:
+        if self._restored:  # an earlier candidate failed part-way: start again from a fresh build
+            self.algo.env.close()
+            self.algo = build(self.cfg)
+        self._restored = True
+        restore_state(self.algo, self.cfg, ckpt)
+
+    def prepare(self, run_dir: Path, fresh: bool) -> None:
+        pass
+
+    def start_message(self, run_dir: Path) -> str:
+        return f"training {self.cfg.env.env_id} with {self.cfg.policy}, seed {self.cfg.run.seed}, into {run_dir}"
+
+    def begin(self, logger: Logger) -> None:
+        pass
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        cfg, algo = self.cfg, self.algo
+        return evaluate(algo.policy, cfg.env, algo.env.obs_normalizer_state(), episodes=cfg.run.eval_episodes, seed=cfg.run.seed + 10_000)
+
+    def save(self, run_dir: Path) -> Path:
+        return save_state(self.algo, self.cfg, run_dir)
+
+    def finish(self, run_dir: Path, last_eval: dict[str, float]) -> None:
+        export_agent(self.algo, self.cfg, run_dir / "final")
+        if "eval/return_mean" in last_eval:
+            print(f"final evaluation: return {last_eval['eval/return_mean']:.2f} +/- {last_eval['eval/return_std']:.2f} "
+                  f"over {self.cfg.run.eval_episodes} episodes; logs: tensorboard --logdir {run_dir / 'tb'}")  # fmt: skip
+
+    def close(self) -> None:
+        self.algo.env.close()
+
+
 
 
 def apply_resume_changes(cfg: Any, extend_to: int | None, overrides: dict[str, Any] | None) -> Any:
@@ -249,24 +290,6 @@ def apply_resume_changes(cfg: Any, extend_to: int | None, overrides: dict[str, A
     from genrl.config import config_from_dict, merge
 
     return config_from_dict(merge(cfg.to_dict(), {"run": changes}))
-
-
-def check_same_config(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: Path) -> None:
-    """ConfigError if the run's settings changed since ``ckpt`` was written (the ``run`` fields
-    that may change on resume excepted): a resumed run must be the run that was started."""
-    if saved is None:  # checkpoints written before configs were recorded
-        return
-    from genrl.presets import flatten
-
-    free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads")}
-    a, b = flatten(saved), flatten(now)
-    changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
-    if changed:
-        k = changed[0]
-        raise ConfigError(
-            f"config.json differs from what wrote checkpoint {ckpt.name} ({k}: {a.get(k)!r} -> {b.get(k)!r}"
-            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); a resumed run keeps its settings: start a new run to change them"
-        )
 
 
 def check_device(device: str) -> None:

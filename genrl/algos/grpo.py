@@ -262,6 +262,11 @@ class GRPO:
     def global_step(self) -> int:
         return self.iteration * self.images_per_iter
 
+    @property
+    def steps_per_iter(self) -> int:
+        """The run loop's budget unit per iteration: scored images."""
+        return self.images_per_iter
+
     def schedule_sigmas(self, num_steps: int) -> Tensor:
         """(T+1,) sigmas of the configured schedule (``GRPOConfig.schedule``)."""
         if self.schedule == "shifted":
