@@ -1,21 +1,14 @@
-"""GRPO for text-to-image flow models: Flow-GRPO and G2RPO, top-down in one file.
+"""GRPO for text-to-image flow models: the configuration and machinery Flow-GRPO and G2RPO share.
 
-Flow-GRPO (Liu et al. 2025, arXiv 2505.05470): sample G images per prompt with the SDE sampler
-(``policies.t2i.sde_step``), store every step's (x_t, x_t+1, log pi_old), score the images,
-take group-relative advantages per prompt, broadcast them to every trained step, and minimise
-the clipped surrogate (clip 1e-4: log-probs are per-element means) plus an optional KL to the
-frozen reference (LoRA disabled).
+The two algorithms are one file each: ``flow_grpo.py`` (Liu et al. 2025, arXiv 2505.05470) and
+``g2rpo.py`` (Zhou et al. 2025, arXiv 2510.01982); their docstrings describe them. Here: the
+config (one dataclass, both algorithms' fields), the schedules (trained steps, G2RPO's
+continuation, the fixed shifted sigmas), Flow-GRPO's zero-advantage filter, and the ``GRPO`` base
+class (optimiser, EMA, SDE and ODE steps, ratio and KL terms, guarded optimiser step,
+``iterate``, ``generate``, resume state).
 
-G2RPO (Zhou et al. 2025, arXiv 2510.01982): Singular Stochastic Sampling: one initial noise and
-one deterministic anchor trajectory per prompt; at each optimised step k the G branches differ
-only by that step's SDE noise and continue deterministically, so the reward is attributable to
-step k. Multi-Granularity Advantage Integration: each branch is continued under several step
-strides lambda, every (prompt, k, lambda) column is normalised over its G branches, and the
-advantages are summed over lambda. One optimiser step per k.
-
-Options: GRPO-Guard's normalised ratio (``ratio="guard"``), GDPO's decoupled per-reward
-normalisation (``reward_aggregation="gdpo"``), same initial noise per group, SDE on a subset of
-steps (MixGRPO-style ``sde_steps``), LoRA or full fine-tuning.
+Options shared by both: GRPO-Guard's normalised ratio (``ratio="guard"``), GDPO's decoupled
+per-reward normalisation (``reward_aggregation="gdpo"``), LoRA or full fine-tuning.
 
 Shapes: P prompts per iteration, G group size, N = P*G images, T sampling steps, M optimised
 steps (G2RPO), L granularities, C/H/W latent.
@@ -31,10 +24,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from genrl.advantages import aggregate_advantages
 from genrl.errors import ConfigError, NonFiniteLossError, check_weights
-from genrl.losses import clipped_surrogate
-from genrl_policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference, sde_step
+from genrl_policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference
 
 ALGOS = ("flow-grpo", "g2rpo")
 CONTINUATIONS = ("official", "extended")
@@ -221,14 +212,39 @@ class _Timer:
 
 
 class GRPO:
-    """Flow-GRPO (``algo="flow-grpo"``) or G2RPO (``algo="g2rpo"``) on a ``TextToImageEnv``.
+    """What Flow-GRPO (``flow_grpo.FlowGRPO``) and G2RPO (``g2rpo.G2RPO``) share on a
+    ``TextToImageEnv``: the optimiser, the sigma schedule, the EMA, SDE / ODE steps, the ratio and
+    KL terms, the optimiser step with its guards, ``iterate``, ``generate`` and the resume state.
 
-    ``iterate()`` = collect (sample + reward + advantages) then update; it returns log metrics.
-    ``global_step`` counts scored images (P*G per Flow-GRPO iteration, P*G*M*L for G2RPO's
-    branches x granularities; evaluation images are extra).
+    ``GRPO(policy, env, cfg, algo=NAME, ...)`` builds the registered subclass for NAME.
+    ``iterate()`` = ``collect`` (sample + reward + advantages) then ``update``; it returns log
+    metrics. ``global_step`` counts scored images (P*G per Flow-GRPO iteration, P*G*M*L for
+    G2RPO's branches x granularities; evaluation images are extra).
     """
 
+    _registry: dict[str, type["GRPO"]] = {}
+    name = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.name:
+            GRPO._registry[cls.name] = cls
+
+    def __new__(cls, *args: Any, algo: str = "flow-grpo", **kw: Any) -> "GRPO":
+        if cls is GRPO:
+            if algo not in ALGOS:
+                raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(ALGOS)}")
+            cls = GRPO._registry[algo]  # filled when genrl.algos imports flow_grpo and g2rpo
+        return super().__new__(cls)
+
+    def collect(self, timer: "_Timer") -> dict[str, Any]:
+        raise NotImplementedError
+
+    def update(self, batch: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
     def __init__(self, policy: FlowImagePolicy, env: Any, cfg: GRPOConfig, *, algo: str = "flow-grpo", seed: int = 0, total_images: int = 1) -> None:
+        algo = self.name or algo  # FlowGRPO(...) / G2RPO(...) directly, or GRPO(..., algo=NAME)
         if algo not in ALGOS:
             raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(ALGOS)}")
         self.policy, self.env, self.cfg, self.algo = policy, env, cfg, algo
@@ -351,161 +367,16 @@ class GRPO:
         self._ema_update()
         return float(gn)
 
-    # ------------------------------------------------------------------ Flow-GRPO
-    @torch.no_grad()
-    def collect_flow_grpo(self, timer: _Timer) -> dict[str, Any]:
-        """SDE-sample P*G images, store the trained steps' transitions, score, advantages."""
-        cfg, env, G = self.cfg, self.env, self.cfg.group_size
-        t0 = time.perf_counter()
-        prompts = self._prompts()
-        cond = Conditioning(*env.encode(prompts)).repeat_interleave(G)
-        if cfg.same_initial_noise:
-            x = env.initial_noise(len(prompts), self.generator).repeat_interleave(G, dim=0)
-        else:
-            x = env.initial_noise(len(prompts) * G, self.generator)
-        train = trained_steps(cfg)
-        stochastic = set(cfg.sde_steps) if cfg.sde_steps else set(range(cfg.num_steps))
-        xs, nexts, lps, means = [], [], [], []
-        for i in range(cfg.num_steps):
-            st = self._step(x, i, cond, cfg.noise_level if i in stochastic else 0.0, generator=self.generator)
-            if i in train:
-                xs.append(x)
-                nexts.append(st.x_next)
-                lps.append(st.log_prob)
-                means.append(st.mean)
-            x = st.x_next
-        timer.add("sample", t0)
-        t0 = time.perf_counter()
-        images = env.decode(x)
-        flat_prompts = [p for p in prompts for _ in range(G)]
-        scores = env.score(images, flat_prompts)
-        timer.add("reward", t0)
-        grouped = {k: v.to(self.device).reshape(len(prompts), G) for k, v in scores.items()}
-        adv = aggregate_advantages(grouped, env.rewards.weights, mode=self.aggregation, std_scope=cfg.std_scope, ddof=self.ddof, eps=self.eps)
-        adv = adv.reshape(-1).clamp(-cfg.adv_clip, cfg.adv_clip)
-        return {
-            "prompts": prompts, "cond": cond, "steps": train, "x": torch.stack(xs, 1), "x_next": torch.stack(nexts, 1),
-            "log_prob": torch.stack(lps, 1), "mean": torch.stack(means, 1), "advantages": adv, "scores": scores, "images": images,
-        }  # fmt: skip
-
-    def update_flow_grpo(self, batch: dict[str, Any]) -> dict[str, float]:
-        """Clipped surrogate (+ KL) over the stored steps; gradients accumulate over steps."""
-        cfg = self.cfg
-        n = batch["advantages"].shape[0]
-        steps = batch["steps"]
-        stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "approx_kl": [], "kl_ref": [], "ratio_mean": [], "grad_norm": []}
-        keep = torch.arange(n)
-        if cfg.drop_zero_advantage:
-            keep = kept_samples(batch["advantages"], cfg.updates_per_epoch, self.generator)
-            stats["kept_fraction"] = [keep.numel() / n]
-            if keep.numel() == 0:
-                return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
-        for _ in range(cfg.epochs):
-            order = keep[torch.randperm(keep.numel(), generator=self.generator)] if cfg.updates_per_epoch > 1 else keep
-            for mb in order.chunk(cfg.updates_per_epoch):
-                self.optimizer.zero_grad(set_to_none=True)
-                cond, adv = batch["cond"].index(mb), batch["advantages"][mb]
-                total = torch.zeros(())
-                for j, i in enumerate(steps):
-                    x, x_next = batch["x"][mb, j], batch["x_next"][mb, j]
-                    new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
-                    log_ratio = self._log_ratio(new, batch["log_prob"][mb, j], batch["mean"][mb, j])
-                    loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_range)
-                    if cfg.kl_coef > 0:
-                        kl = self._kl(new, x, i, cond).mean()
-                        loss = loss + cfg.kl_coef * kl
-                        stats["kl_ref"].append(kl.item())
-                    (loss / len(steps)).backward()
-                    total = total + loss.detach() / len(steps)
-                    stats["clip_fraction"].append(float(st["clip_fraction"]))
-                    stats["approx_kl"].append(float(st["approx_kl"]))
-                    stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
-                stats["grad_norm"].append(self._finish(total))
-                stats["loss"].append(float(total))
-        return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
-
-    # ------------------------------------------------------------------ G2RPO
-    @torch.no_grad()
-    def collect_g2rpo(self, timer: _Timer) -> dict[str, Any]:
-        """Anchor ODE trajectory per prompt, G single-step SDE branches per optimised step k,
-        each continued deterministically under every granularity; rewards per (k, lambda)."""
-        cfg, env, G, T = self.cfg, self.env, self.cfg.group_size, self.cfg.num_steps
-        t0 = time.perf_counter()
-        prompts = self._prompts()
-        P = len(prompts)
-        cond_p = Conditioning(*env.encode(prompts))
-        cond = cond_p.repeat_interleave(G)
-        x = env.initial_noise(P, self.generator)
-        anchors = []
-        for k in range(self.m_steps):  # the anchor only needs to reach the last optimised step
-            anchors.append(x)
-            x = self._ode(x, cond_p, [k, k + 1])
-        branches, lps, means, finals = [], [], [], []
-        for k in range(self.m_steps):
-            xk = anchors[k]
-            s = self.sigmas
-            v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)  # one forward per prompt
-            st = sde_step(v, xk.repeat_interleave(G, dim=0), s[k], s[k + 1], cfg.noise_level, sigma_guard=s[1], generator=self.generator)
-            branches.append(st.x_next)
-            lps.append(st.log_prob)
-            means.append(st.mean)
-            finals.append([self._ode(st.x_next, cond, continuation_indices(k, lam, T, cfg.continuation)) for lam in cfg.granularities])
-        timer.add("sample", t0)
-        t0 = time.perf_counter()
-        L = len(cfg.granularities)
-        latents = torch.stack([torch.stack(f) for f in finals])  # (M, L, N, C, H, W)
-        images = env.decode(latents.reshape(-1, *latents.shape[3:]))
-        flat_prompts = [p for p in prompts for _ in range(G)] * (self.m_steps * L)
-        scores = env.score(images, flat_prompts)
-        timer.add("reward", t0)
-        grouped = {k: v.to(self.device).reshape(self.m_steps, L, P, G) for k, v in scores.items()}
-        inner = "per_reward" if self.aggregation == "gdpo" else self.aggregation
-        adv = aggregate_advantages(grouped, env.rewards.weights, mode=inner, std_scope="group", ddof=self.ddof, eps=self.eps).sum(dim=1)
-        if self.aggregation == "gdpo":
-            adv = (adv - adv.mean()) / (adv.std(correction=self.ddof) + self.eps)
-        adv = adv.reshape(self.m_steps, P * G).clamp(-cfg.adv_clip, cfg.adv_clip)
-        return {
-            "prompts": prompts, "cond_p": cond_p, "anchors": torch.stack(anchors), "x_next": torch.stack(branches),
-            "log_prob": torch.stack(lps), "mean": torch.stack(means), "advantages": adv, "scores": scores, "images": images,
-        }  # fmt: skip
-
-    def update_g2rpo(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One optimiser step per optimised step k: only the step-k transition enters the ratio."""
-        cfg, G = self.cfg, self.cfg.group_size
-        s = self.sigmas
-        stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "approx_kl": [], "kl_ref": [], "ratio_mean": [], "grad_norm": []}
-        cond_p = batch["cond_p"]
-        for _ in range(cfg.epochs):
-            for k in range(self.m_steps):
-                self.optimizer.zero_grad(set_to_none=True)
-                xk = batch["anchors"][k]
-                P = xk.shape[0]
-                v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)
-                new = sde_step(v, xk.repeat_interleave(G, dim=0), s[k], s[k + 1], cfg.noise_level, x_next=batch["x_next"][k], sigma_guard=s[1])
-                log_ratio = self._log_ratio(new, batch["log_prob"][k], batch["mean"][k])
-                loss, st = clipped_surrogate(log_ratio, batch["advantages"][k], cfg.clip_range)
-                if cfg.kl_coef > 0:
-                    kl = self._kl(new, xk, k, cond_p, velocity_rows=G).mean()
-                    loss = loss + cfg.kl_coef * kl
-                    stats["kl_ref"].append(kl.item())
-                loss.backward()
-                stats["grad_norm"].append(self._finish(loss.detach()))
-                stats["loss"].append(loss.item())
-                stats["clip_fraction"].append(float(st["clip_fraction"]))
-                stats["approx_kl"].append(float(st["approx_kl"]))
-                stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
-        return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
-
     # ------------------------------------------------------------------ the loop body
     def iterate(self) -> dict[str, float]:
         """One iteration: collect, update; returns metrics (rewards, losses, timings)."""
         timer = _Timer()
         start = time.perf_counter()
         self.policy.eval()
-        batch = self.collect_g2rpo(timer) if self.algo == "g2rpo" else self.collect_flow_grpo(timer)
+        batch = self.collect(timer)
         t0 = time.perf_counter()
         self.policy.train()
-        stats = self.update_g2rpo(batch) if self.algo == "g2rpo" else self.update_flow_grpo(batch)
+        stats = self.update(batch)
         timer.add("train", t0)
         self.iteration += 1
         total = self.env.rewards.total(batch["scores"])
