@@ -9,9 +9,9 @@ import os
 if not os.environ.get("DISPLAY"):
     os.environ.setdefault("MUJOCO_GL", "egl")
 
+from genrl_envs import maze, multigoal  # noqa: F401  registers genrl/PointMaze-v0, genrl/MultiGoal-v0 for plain gym.make
 from genrl_envs.base import BatchedEnv, EnvError, EnvSpec, StepResult
 from genrl_envs.gym import GymVectorEnv, check_env_id
-from genrl_envs import maze, multigoal  # noqa: F401  registers genrl/PointMaze-v0, genrl/MultiGoal-v0 for plain gym.make
 
 
 def make_env(env_id: str, n_envs: int = 1, **kwargs) -> GymVectorEnv:

@@ -67,8 +67,17 @@ DMC_ENV_IDS: dict[str, tuple[str, str]] = {
 #: MjModel arrays exposed as ``model_<field>`` views so that a generic snapshot captures them
 #: (the fields dm_control suite tasks write in ``initialize_episode``)
 MODEL_STATE_FIELDS: tuple[str, ...] = (
-    "body_pos", "body_quat", "geom_pos", "geom_quat", "geom_size", "geom_rgba",
-    "site_pos", "site_quat", "site_size", "site_rgba", "dof_damping",
+    "body_pos",
+    "body_quat",
+    "geom_pos",
+    "geom_quat",
+    "geom_size",
+    "geom_rgba",
+    "site_pos",
+    "site_quat",
+    "site_size",
+    "site_rgba",
+    "dof_damping",
 )
 
 

@@ -197,9 +197,7 @@ class GymVectorEnv:
 
     def step(self, action: Tensor) -> StepResult:
         if action.shape != (self.spec.n_envs, self.spec.action_dim):
-            raise ValueError(
-                f"action has shape {tuple(action.shape)}, expected ({self.spec.n_envs}, {self.spec.action_dim}) for {self.spec.env_id}"
-            )
+            raise ValueError(f"action has shape {tuple(action.shape)}, expected ({self.spec.n_envs}, {self.spec.action_dim}) for {self.spec.env_id}")
         clipped = torch.maximum(torch.minimum(action.detach().cpu(), self._high), self._low)
         obs, reward, terminated, truncated, info = self._env.step(clipped.numpy())
         obs_t = _aligned(obs)
@@ -287,7 +285,7 @@ class GymVectorEnv:
         snaps = []
         for i, sub in enumerate(meta["subenvs"]):
             prefix = f"env{i}."
-            sub_arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            sub_arrays = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
             snaps.append({"arrays": sub_arrays, "meta": sub})
         self._vec.set_attr("snapshot", snaps)
         self._stats.episode_returns = arrays["stats.episode_returns"].copy()

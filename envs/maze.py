@@ -21,7 +21,8 @@ is zeroed. Observation: [x, y, vx, vy] (float32). Reward (dense): -||x' - goal||
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -94,8 +95,6 @@ def route_taken(trajectory: Any, block: tuple[float, float, float, float] | None
     k = crossed[-1]
     x_cross = 0.5 * (xy[k, 0] + xy[k + 1, 0])
     return "left" if x_cross < x_mid else "right"
-
-
 
 
 class PointMazeEnv(gym.Env):
@@ -192,7 +191,7 @@ class PointMazeEnv(gym.Env):
         for r, row in enumerate(self.maze_map):
             for c, ch in enumerate(row):
                 if ch == "#":
-                    img[r * px:(r + 1) * px, c * px:(c + 1) * px] = (70, 70, 80)
+                    img[r * px : (r + 1) * px, c * px : (c + 1) * px] = (70, 70, 80)
 
         def to_px(p: np.ndarray) -> tuple[float, float]:  # y points up in the image
             return p[0] * px, (self.height - p[1]) * px

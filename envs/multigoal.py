@@ -79,8 +79,6 @@ def count_goals_reached(final_positions: Any, goals: np.ndarray | None = None, g
     return int(np.count_nonzero(goal_histogram(final_positions, goals, goal_radius)))
 
 
-
-
 class MultiGoalEnv(gym.Env):
     """2-D point mass, several goals; observation = position (float32, 2). See the module doc."""
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -35,10 +35,7 @@ def gae(
         (advantages, returns) each (T, N), returns = advantages + values.
     """
     if not (rewards.shape == values.shape == next_values.shape == terminated.shape == truncated.shape):
-        raise ValueError(
-            "gae inputs must share one (T, N) shape, got "
-            f"{[tuple(x.shape) for x in (rewards, values, next_values, terminated, truncated)]}"
-        )
+        raise ValueError(f"gae inputs must share one (T, N) shape, got {[tuple(x.shape) for x in (rewards, values, next_values, terminated, truncated)]}")
     # The recursion is sequential in T; numpy scalars-per-row beat torch op dispatch here.
     r = rewards.detach().cpu().double().numpy()
     v = values.detach().cpu().double().numpy()
@@ -54,7 +51,6 @@ def gae(
         adv[t] = last
     advantages = torch.from_numpy(adv).to(device=rewards.device, dtype=rewards.dtype)
     return advantages, advantages + values
-
 
 
 def group_advantages(rewards: Tensor, *, std_scope: str = "group", ddof: int = 0, eps: float = 1e-4) -> Tensor:
@@ -101,5 +97,10 @@ def aggregate_advantages(
         raise ValueError(f"unknown reward aggregation {mode!r}; valid: sum, per_reward, gdpo")
     adv = sum(weights[k] * group_advantages(scores[k], std_scope=std_scope, ddof=ddof, eps=eps) for k in weights)
     if mode == "gdpo":
-        adv = (adv - adv.mean()) / (adv.std(correction=ddof) + eps)  # type: ignore[union-attr]
+        adv = batch_normalize(adv, ddof=ddof, eps=eps)  # type: ignore[arg-type]
     return adv  # type: ignore[return-value]
+
+
+def batch_normalize(adv: Tensor, *, ddof: int = 0, eps: float = 1e-4) -> Tensor:
+    """GDPO's last step: one normalisation over the whole batch, (A - mean) / (std + eps)."""
+    return (adv - adv.mean()) / (adv.std(correction=ddof) + eps)

@@ -108,8 +108,7 @@ def _train(args: argparse.Namespace) -> int:
         if given or args.set:
             bad = ", ".join("--" + g.replace("_", "-") for g in given) or "--set"
             raise GenrlError(
-                f"--resume continues the run's own config; {bad} would change the run (allowed: --steps to extend, "
-                "--save-every, --eval-every, --eval-episodes, --no-progress)"
+                f"--resume continues the run's own config; {bad} would change the run (allowed: --steps to extend, --save-every, --eval-every, --eval-episodes, --no-progress)"
             )
         overrides = {k: getattr(args, k) for k in ("save_every", "eval_every", "eval_episodes") if getattr(args, k) is not None}
         if args.no_progress:

@@ -11,10 +11,11 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+import tomllib
 
 from genrl.algos.gorl import GoRLTrainConfig
 from genrl.algos.grpo import ALGOS as IMAGE_ALGOS
@@ -120,9 +121,7 @@ class TrainConfig:
         from genrl_policies.base import POLICY_FAMILIES
 
         if self.policy not in POLICY_FAMILIES:
-            raise ConfigError(
-                f"unknown policy '{self.policy}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}"
-            )
+            raise ConfigError(f"unknown policy '{self.policy}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}")
         if self.algo not in ALGOS:
             raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(ALGOS)}")
         if self.policy != "gorl" and self.gorl != GoRLTrainConfig():
@@ -136,8 +135,7 @@ class TrainConfig:
         defaults, hints = cls(), get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         data = {
-            k: _coerce(v, getattr(defaults, k), f"policy_config.{k}", hints[k]) if k in names else v
-            for k, v in self.policy_config.items()
+            k: _coerce(v, getattr(defaults, k), f"policy_config.{k}", hints[k]) if k in names else v for k, v in self.policy_config.items()
         }  # names the field in type errors; unknown keys are refused below with the valid names
         try:
             return config_from_dict(cls, data)
@@ -246,8 +244,11 @@ def _coerce(value: Any, default: Any, name: str, hint: Any = None) -> Any:
         if value is None:
             return None
         default = _exemplar(hint)
-    if isinstance(default, str) and isinstance(value, (int, float)) and not isinstance(value, bool) or (
-        isinstance(default, str) and type(value).__name__ in ("date", "datetime", "time")
+    if (
+        isinstance(default, str)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        or (isinstance(default, str) and type(value).__name__ in ("date", "datetime", "time"))
     ):
         return str(value)  # --set run.out=123 or =2024-06-01: TOML parsed a number or date, a name was meant
     if isinstance(default, bool):

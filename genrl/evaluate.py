@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from genrl_envs import make_env
 from genrl.config import EnvConfig
+from genrl_envs import make_env
 
 
 def evaluate(

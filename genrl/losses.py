@@ -10,9 +10,7 @@ import torch
 from torch import Tensor
 
 
-def clipped_surrogate(
-    log_ratio: Tensor, advantages: Tensor, clip_coef: float | Tensor, step_weights: Tensor | None = None
-) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip_coef: float | Tensor, step_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """L = -E[min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)] with rho = exp(log_ratio).
 
     For a (B, K) per-step log-ratio, ``clip_coef`` may be a (K,) tensor of per-step
@@ -39,9 +37,7 @@ def clipped_surrogate(
     return loss, stats
 
 
-def value_loss(
-    values: Tensor, returns: Tensor, old_values: Tensor, clip_coef: float | None, mode: str = "max"
-) -> Tensor:
+def value_loss(values: Tensor, returns: Tensor, old_values: Tensor, clip_coef: float | None, mode: str = "max") -> Tensor:
     """0.5 * E[(V - R)^2]; with ``clip_coef`` the prediction is clipped to old +- clip_coef and
     ``mode`` "max" takes the pessimistic maximum of both losses (PPO2), "clipped" the clipped
     prediction's loss alone (skrl / PolicyFlow)."""

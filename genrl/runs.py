@@ -23,9 +23,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,8 +130,7 @@ def open_run(cfg: Any, resume: str | Path | None) -> tuple[Any, Path, list[Path]
         steps = checkpoint_steps(run_dir)
         if not steps:
             raise CheckpointError(
-                f"no checkpoint in {run_dir / 'checkpoints'}: the run stopped before its first checkpoint; "
-                f"start it again with --out {run_dir} (it holds no progress)"
+                f"no checkpoint in {run_dir / 'checkpoints'}: the run stopped before its first checkpoint; start it again with --out {run_dir} (it holds no progress)"
             )
         return cfg, run_dir, [run_dir / "checkpoints" / str(s) for s in reversed(steps)]
     if cfg is None:

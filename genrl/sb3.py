@@ -61,8 +61,9 @@ device, one observation per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -352,7 +353,7 @@ class GoRLDecoderCallback(BaseCallback):
     def reset_keys(self) -> list[str]:
         """The state-dict keys of ``model.policy`` that a refinement reloads from the initial weights."""
         c = self.config
-        reset_critic = (self.off_policy if c.reset_critic is None else c.reset_critic)
+        reset_critic = self.off_policy if c.reset_critic is None else c.reset_critic
         keys = []
         for key in self._init_state:
             is_critic = key.startswith(CRITIC_PREFIXES)

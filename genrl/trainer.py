@@ -13,21 +13,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from genrl_envs import make_env
+from genrl.algos.base import Task
 from genrl.algos.ppo import PPO
 from genrl.checkpoint import load_checkpoint, save_checkpoint
-from genrl.algos.base import Task
 from genrl.config import TrainConfig
 from genrl.errors import CheckpointError, ConfigError
-from genrl.runs import (
-    CheckpointSchedule, Interrupted, StopSignals, crossed, guarded_iterate, open_run, restore_first_readable,
-    seed_everything, write_meta,
-)  # fmt: skip
-from genrl.runs import RESUME_RUN_FIELDS, check_same_config
-from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.trainer.load_run_config
 from genrl.evaluate import evaluate
 from genrl.logger import Logger
 from genrl.plot import plot_runs
+from genrl.runs import (
+    RESUME_RUN_FIELDS,
+    CheckpointSchedule,
+    Interrupted,
+    StopSignals,
+    check_same_config,
+    crossed,
+    guarded_iterate,
+    open_run,
+    restore_first_readable,
+    seed_everything,
+    write_meta,
+)  # fmt: skip
+from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.trainer.load_run_config
+from genrl_envs import make_env
 from genrl_policies.base import PolicyLoadError, load_pretrained, resolve_family
 
 if TYPE_CHECKING:
@@ -103,9 +111,7 @@ def restore_state(algo: PPO, cfg: TrainConfig, ckpt_dir: Path) -> None:
     state = data["state"]
     check_same_config(state.get("config"), cfg.to_dict(), ckpt_dir)
     if state.get("family") != cfg.policy or state.get("algo") != cfg.algo:
-        raise CheckpointError(
-            f"{ckpt_dir} holds a {state.get('family')}/{state.get('algo')} run, the config says {cfg.policy}/{cfg.algo}"
-        )
+        raise CheckpointError(f"{ckpt_dir} holds a {state.get('family')}/{state.get('algo')} run, the config says {cfg.policy}/{cfg.algo}")
     try:
         saved = load_pretrained(ckpt_dir / "policy", family=cfg.policy)
         algo.policy.load_state_dict(saved.state_dict())
@@ -271,8 +277,6 @@ class ControlTask:
 
     def close(self) -> None:
         self.algo.env.close()
-
-
 
 
 def apply_resume_changes(cfg: Any, extend_to: int | None, overrides: dict[str, Any] | None) -> Any:

@@ -31,8 +31,9 @@ import importlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,26 +60,20 @@ class PolicyLoadError(ValueError):
 
 def record_map(fn: Callable[[Tensor], Tensor], record: R) -> R:
     """Apply ``fn`` to every tensor field of a record dataclass and return a new record."""
-    return dataclasses.replace(
-        record, **{f.name: fn(getattr(record, f.name)) for f in dataclasses.fields(record)}
-    )
+    return dataclasses.replace(record, **{f.name: fn(getattr(record, f.name)) for f in dataclasses.fields(record)})
 
 
 def check_detached(record: Any) -> None:
     """Raise if a record tensor carries gradient: an old log-prob must be a constant."""
     for f in dataclasses.fields(record):
         if getattr(record, f.name).requires_grad:
-            raise RuntimeError(
-                f"record field '{f.name}' requires grad; behaviour records must be detached"
-            )
+            raise RuntimeError(f"record field '{f.name}' requires grad; behaviour records must be detached")
 
 
 def resolve_family(name: str) -> type[PolicyModule]:
     """Import the policy class registered under ``name``; a miss lists the valid names."""
     if name not in POLICY_FAMILIES:
-        raise ValueError(
-            f"unknown policy '{name}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}"
-        )
+        raise ValueError(f"unknown policy '{name}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}")
     module, cls = POLICY_FAMILIES[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -97,17 +92,13 @@ class PolicyModule(nn.Module):
         if obs_dim <= 0 or action_dim <= 0:
             raise ValueError(f"obs_dim and action_dim must be positive, got {obs_dim}, {action_dim}")
         if not isinstance(config, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
-            )
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.obs_dim = int(obs_dim)
         self.action_dim = int(action_dim)
         self.config = config
 
     # -- the contract (families override) ----------------------------------------------------
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Any]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
     def log_ratio(self, obs: Tensor, record: Any) -> Tensor:
@@ -116,9 +107,7 @@ class PolicyModule(nn.Module):
     def regularizer(self, obs: Tensor, record: Any) -> Tensor | None:
         return None
 
-    def auxiliary_loss(
-        self, obs: Tensor, record: Any, returns: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def auxiliary_loss(self, obs: Tensor, record: Any, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         return None
 
     def begin_update(self) -> None:
@@ -148,9 +137,7 @@ class PolicyModule(nn.Module):
         if not isinstance(obs, Tensor):
             raise TypeError(f"obs must be a torch.Tensor, got {type(obs).__name__}")
         if obs.ndim != 2 or obs.shape[1] != self.obs_dim:
-            raise ValueError(
-                f"obs has shape {tuple(obs.shape)}, expected (B, {self.obs_dim}) for this {self.family} policy"
-            )
+            raise ValueError(f"obs has shape {tuple(obs.shape)}, expected (B, {self.obs_dim}) for this {self.family} policy")
 
     # -- save / load ----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -211,9 +198,7 @@ def load_pretrained(directory: str | os.PathLike, family: str | None = None) -> 
     if not isinstance(meta, dict) or "family" not in meta:
         raise PolicyLoadError(f"{cfg_path} is not a genrl policy config")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise PolicyLoadError(
-            f"{cfg_path} has format_version {meta.get('format_version')}, this genrl reads {FORMAT_VERSION}"
-        )
+        raise PolicyLoadError(f"{cfg_path} has format_version {meta.get('format_version')}, this genrl reads {FORMAT_VERSION}")
     if family is not None and meta["family"] != family:
         raise PolicyLoadError(f"{directory} holds a '{meta['family']}' policy, expected '{family}'")
     cls = resolve_family(meta["family"])

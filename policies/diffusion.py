@@ -101,11 +101,14 @@ class DiffusionConfig:
             raise ValueError(f"n_denoising_steps must be an integer >= 1, got {K!r}")
         if ft is not None and (not isinstance(ft, int) or isinstance(ft, bool) or not 1 <= ft <= K):
             raise ValueError(f"ft_denoising_steps must be an integer in [1, {K}] or None, got {ft!r}")
-        positive = {"min_sampling_std": self.min_sampling_std, "min_logprob_std": self.min_logprob_std,
-                    "clip_coef_base": self.clip_coef_base, "clip_coef_final": self.clip_coef_final,
-                    "clip_rate": self.clip_rate}
-        optional = {"noise_clamp": self.noise_clamp, "denoised_clip": self.denoised_clip,
-                    "final_action_clip": self.final_action_clip}
+        positive = {
+            "min_sampling_std": self.min_sampling_std,
+            "min_logprob_std": self.min_logprob_std,
+            "clip_coef_base": self.clip_coef_base,
+            "clip_coef_final": self.clip_coef_final,
+            "clip_rate": self.clip_rate,
+        }
+        optional = {"noise_clamp": self.noise_clamp, "denoised_clip": self.denoised_clip, "final_action_clip": self.final_action_clip}
         for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
@@ -215,9 +218,7 @@ class DiffusionPolicy(PolicyModule):
         return elem.sum(-1) if self.config.logprob_reduction == "sum" else elem.mean(-1)
 
     # -- the contract ---------------------------------------------------------------------------
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, DiffusionRecord]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, DiffusionRecord]:
         """Sample the chain x_K ~ N(0, I) -> x_0; ``deterministic``: x_K = 0 and no step noise."""
         self.check_obs(obs)
         cfg, B, K = self.config, obs.shape[0], self.config.n_denoising_steps

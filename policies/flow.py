@@ -10,7 +10,7 @@ Shapes: B batch, O obs dim, A action dim, K integration steps.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -183,9 +183,7 @@ ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler
 ODE_FIXED_METHODS = ("euler", "midpoint", "heun3", "rk4")
 
 
-def _odeint(
-    func, y0: Tensor, t0: float, t1: float, n_steps: int, method: str, atol: float, rtol: float
-) -> Tensor:
+def _odeint(func, y0: Tensor, t0: float, t1: float, n_steps: int, method: str, atol: float, rtol: float) -> Tensor:
     """torchdiffeq.odeint from t0 to t1, validating the arguments; returns the state at t1."""
     import torchdiffeq  # optional dependency (the "flow" extra): only the reference paths need it
 
@@ -222,9 +220,7 @@ def flow_map(
     return _odeint(func, z, 0.0, 1.0, n_steps, method, atol, rtol)
 
 
-def divergence(
-    velocity: nn.Module, x: Tensor, t: Tensor, obs: Tensor, probes: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def divergence(velocity: nn.Module, x: Tensor, t: Tensor, obs: Tensor, probes: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """v(x, t | s) and div_x v = tr(dv/dx), both detached: (B, A), (B,).
 
     ``probes`` None: the exact trace, one vector-Jacobian product per action dim. Otherwise
@@ -305,9 +301,7 @@ def cnf_log_prob(
     return -0.5 * z.square().sum(-1) - a_dim * 0.5 * math.log(2.0 * math.pi) + delta
 
 
-def conditional_log_prob(
-    velocity: nn.Module, action: Tensor, z: Tensor, obs: Tensor, log_std: Tensor, **ode: object
-) -> Tensor:
+def conditional_log_prob(velocity: nn.Module, action: Tensor, z: Tensor, obs: Tensor, log_std: Tensor, **ode: object) -> Tensor:
     """log N(a; phi_1(z; s), diag sigma^2) summed over A, shape (B,).
 
     A noisy CNF policy a = phi_1(z; s) + n (PolicyFlow) has the marginal int N(a; phi_1(z), sigma^2)

@@ -168,9 +168,7 @@ class FPOPolicy(PolicyModule):
         return eps, t
 
     # -- the contract ---------------------------------------------------------------------------
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, FPORecord]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, FPORecord]:
         """a = Euler-integrate v from z ~ N(0, I); then draw the M pairs and their old losses.
 
         ``deterministic`` drops the feather noise only; z stays random (as in FPO's evaluation)
@@ -189,7 +187,7 @@ class FPOPolicy(PolicyModule):
         return action, FPORecord(action, eps, t, old)
 
     def log_ratio(self, obs: Tensor, record: FPORecord) -> Tensor:
-        """"average": (B,) mean_j l_old - mean_j l_new; "per_pair": (B, M) clamp(l_old - l_new)."""
+        """ "average": (B,) mean_j l_old - mean_j l_new; "per_pair": (B, M) clamp(l_old - l_new)."""
         check_detached(record)
         self.check_obs(obs)
         new = self.pair_losses(obs, record.action, record.eps, record.t)  # (B, M)
@@ -207,9 +205,7 @@ class FPOPolicy(PolicyModule):
         """FPO has no entropy (or other) regulariser."""
         return None
 
-    def auxiliary_loss(
-        self, obs: Tensor, record: FPORecord, returns: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def auxiliary_loss(self, obs: Tensor, record: FPORecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """No loss of its own; with a clamped per-pair ratio, a zero loss carrying the stat
         ``fpo/pair_clamp_fraction`` (share of pairs whose |l_old - l_new| exceeded the clamp)."""
         if self.config.ratio_mode != "per_pair" or self.config.per_pair_clamp is None:

@@ -61,9 +61,7 @@ class GaussianPolicy(PolicyModule):
             return out[:, : self.action_dim], out[:, self.action_dim :]
         return out, self.log_std
 
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, GaussianRecord]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, GaussianRecord]:
         self.check_obs(obs)
         mean, log_std = self.distribution(obs)
         if deterministic:

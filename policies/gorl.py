@@ -80,8 +80,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -180,7 +180,7 @@ def diffusion_alpha_bars(n_steps: int, schedule: str) -> Tensor:
     return torch.cumprod(1.0 - betas, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ddim_coefficients(n_steps: int, schedule: str) -> tuple[tuple[float, ...], ...]:
     """(sqrt abar_k, sqrt(1 - abar_k), c_x_k, c_e_k) per k as Python floats (dtype/device-free), with
     the DDIM (eta = 0) step x <- c_x_k x + c_e_k e from level k to k - 1 (abar_{-1} = 1):
@@ -296,9 +296,7 @@ class GoRLPolicy(PolicyModule):
                 p.requires_grad_(False)
 
     # -- the contract ---------------------------------------------------------------------------
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, GoRLRecord]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, GoRLRecord]:
         """eps ~ N(mu(s), sigma) (eps = mu if ``deterministic``), pre = g(s, eps), action = squash(pre)."""
         self.check_obs(obs)
         mean, log_std = self.encoder(obs)
@@ -347,9 +345,7 @@ class GoRLPolicy(PolicyModule):
             return mean.square().mean(-1) + (2.0 * log_std).exp().mean(-1)
         return mean.new_zeros(mean.shape[0])
 
-    def auxiliary_loss(
-        self, obs: Tensor, record: GoRLRecord, returns: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def auxiliary_loss(self, obs: Tensor, record: GoRLRecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         """latent_reg_coef * mean_B R(pi_theta(.|s)), minimised; None when off."""
         cfg = self.config
         if cfg.latent_reg == "none" or cfg.latent_reg_coef == 0:
@@ -369,9 +365,7 @@ class GoRLPolicy(PolicyModule):
         """
         self.check_obs(obs)
         if pre_actions.shape != (obs.shape[0], self.action_dim):
-            raise ValueError(
-                f"pre_actions has shape {tuple(pre_actions.shape)}, expected ({obs.shape[0]}, {self.action_dim})"
-            )
+            raise ValueError(f"pre_actions has shape {tuple(pre_actions.shape)}, expected ({obs.shape[0]}, {self.action_dim})")
         p = self.config.decoder_pairs
         o = obs.repeat_interleave(p, dim=0)
         a = pre_actions.repeat_interleave(p, dim=0)
@@ -420,6 +414,11 @@ class GoRLPolicy(PolicyModule):
 
 
 __all__ = [
-    "DIFFUSION_SCHEDULES", "GoRLConfig", "GoRLPolicy", "GoRLRecord", "LatentEncoder", "diffusion_alpha_bars",
+    "DIFFUSION_SCHEDULES",
+    "GoRLConfig",
+    "GoRLPolicy",
+    "GoRLRecord",
+    "LatentEncoder",
+    "diffusion_alpha_bars",
     "gaussian_kl_to_prior",
 ]

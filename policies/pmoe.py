@@ -24,8 +24,8 @@ Shapes: B batch, A action dim, M experts (``n_experts``, K in the paper), D obs 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -94,9 +94,7 @@ class PMOERecord:
     log_prob: Tensor  # (B,) mixture log pi_old(action | obs)
 
 
-def gumbel_softmax_weights(
-    logits: Tensor, tau: float, hard: bool = False, generator: torch.Generator | None = None
-) -> Tensor:
+def gumbel_softmax_weights(logits: Tensor, tau: float, hard: bool = False, generator: torch.Generator | None = None) -> Tensor:
     """y = softmax((logits + g) / tau), g ~ Gumbel(0, 1): (..., M) -> (..., M).
 
     With ``hard`` the forward value is exactly onehot(argmax y) and the gradient is that of y
@@ -110,9 +108,7 @@ def gumbel_softmax_weights(
     return one_hot + (y - y.detach())  # forward: exactly one_hot
 
 
-def score_function_surrogate(
-    log_alpha: Tensor, q: Tensor, generator: torch.Generator | None = None
-) -> Tensor:
+def score_function_surrogate(log_alpha: Tensor, q: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Per-sample REINFORCE surrogate, (B, M), (B, M) -> (B,).
 
     k ~ Cat(alpha), returns log alpha_k * (q_k - b) with the baseline b = sum_j alpha_j q_j and
@@ -175,9 +171,7 @@ class PMOEPolicy(PolicyModule):
             return torch.func.functional_call(self.q, params, (x,)).squeeze(-1)
         return self.q(x).squeeze(-1)
 
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, PMOERecord]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, PMOERecord]:
         """k ~ Cat(alpha(s)), a ~ N(mu_k, sigma_k). ``deterministic`` gives a = mu_k, with k still
         *sampled* from alpha (official code) unless ``deterministic_expert="argmax"``."""
         self.check_obs(obs)
@@ -239,9 +233,7 @@ class PMOEPolicy(PolicyModule):
             return F.mse_loss(log_alpha.exp(), best)  # mean over experts and batch, as both reference codes
         return -score_function_surrogate(log_alpha, q, generator).mean()
 
-    def auxiliary_loss(
-        self, obs: Tensor, record: PMOERecord, returns: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def auxiliary_loss(self, obs: Tensor, record: PMOERecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """q_coef * MSE(Q(s, a_stored), returns) + mixing_coef * mixing_loss(obs)."""
         if returns.shape != (obs.shape[0],):
             raise ValueError(f"returns has shape {tuple(returns.shape)}, expected ({obs.shape[0]},)")

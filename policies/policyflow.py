@@ -81,15 +81,12 @@ class PolicyFlowConfig:
             raise ValueError(f"embed_dim must be an even integer >= 2, got {self.embed_dim!r}")
         if isinstance(self.n_steps, bool) or not isinstance(self.n_steps, int) or self.n_steps < 1:
             raise ValueError(f"n_steps must be a positive integer, got {self.n_steps!r}")
-        for name, value, valid in (("method", self.method, METHODS), ("path", self.path, PATHS),
-                                   ("t_sampling", self.t_sampling, T_SAMPLINGS)):
+        for name, value, valid in (("method", self.method, METHODS), ("path", self.path, PATHS), ("t_sampling", self.t_sampling, T_SAMPLINGS)):
             if value not in valid:
                 raise ValueError(f"unknown {name} '{value}'; valid: {', '.join(valid)}")
         lo, hi = math.exp(LOG_STD_MIN), math.exp(LOG_STD_MAX)
         if not (math.isfinite(self.sigma_init) and lo <= self.sigma_init <= hi):
-            raise ValueError(
-                f"sigma_init must be in [{lo:.4g}, {hi:.4g}] (the log-sigma clamp), got {self.sigma_init}"
-            )
+            raise ValueError(f"sigma_init must be in [{lo:.4g}, {hi:.4g}] (the log-sigma clamp), got {self.sigma_init}")
         if not (math.isfinite(self.brownian_coef) and self.brownian_coef >= 0):
             raise ValueError(f"brownian_coef must be a finite number >= 0, got {self.brownian_coef}")
 
@@ -147,9 +144,7 @@ class PolicyFlowPolicy(PolicyModule):
         return torch.cat([grid, grid.new_ones(1)])
 
     # -- acting ---------------------------------------------------------------------------------
-    def act(
-        self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, PolicyFlowRecord]:
+    def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, PolicyFlowRecord]:
         """a = phi_1(z; s) + n. ``deterministic``: z = 0 and n = 0 (the flow map of the source mean)."""
         self.check_obs(obs)
         cfg, shape = self.config, (obs.shape[0], self.action_dim)
@@ -236,9 +231,7 @@ class PolicyFlowPolicy(PolicyModule):
         v_hat = v_new.detach() if v_old is None else v_old
         return brownian_residual(v_new, v_hat, x_t, t).square().mean()
 
-    def auxiliary_loss(
-        self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def auxiliary_loss(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """brownian_coef * ``brownian_loss`` (``returns`` is unused) and detached statistics."""
         brownian = self.brownian_loss(obs, record)
         stats = {

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -199,9 +200,7 @@ class FlowImagePolicy(nn.Module):
             from peft import LoraConfig
 
             spec = lora or LoraSpec()
-            present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()} | {
-                ".".join(name.split(".")[-2:]) for name, _ in transformer.named_modules()
-            }
+            present = {name.rsplit(".", 1)[-1] for name, _ in transformer.named_modules()} | {".".join(name.split(".")[-2:]) for name, _ in transformer.named_modules()}
             targets = [t for t in spec.target_modules if t in present]
             if not targets:
                 raise ValueError(f"none of the LoRA target modules {spec.target_modules} exist in {type(transformer).__name__}")
@@ -226,9 +225,9 @@ class FlowImagePolicy(nn.Module):
         t = self.model_sigma(sigma) * 1000.0  # diffusers' timestep = sigma * num_train_timesteps
         dtype = self.transformer.dtype  # latents and SDE maths stay float32; the model may run in bf16/fp16
         if g == 1.0:
-            return self.transformer(
-                hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled, return_dict=False
-            )[0].to(x.dtype)
+            return self.transformer(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled, return_dict=False)[0].to(
+                x.dtype
+            )
         if cond.negative_prompt_embeds is None:
             raise ValueError("guidance_scale > 1 needs negative prompt embeddings in the conditioning")
         out = self.transformer(
@@ -290,6 +289,16 @@ class FlowImagePolicy(nn.Module):
         if true_cfg:
             out = self._guide(*out.chunk(2))
         return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def ode(self, x: Tensor, sigmas: Tensor, cond: Conditioning, indices: list[int] | None = None) -> Tensor:
+        """Deterministic Euler steps ``x + (s_b - s_a) v(x, s_a)`` along ``indices`` of ``sigmas``
+        (default: every step); a last step that skips indices is a jump (G2RPO's x0 prediction
+        when it lands on sigma = 0)."""
+        idx = list(range(len(sigmas))) if indices is None else indices
+        for a, b in zip(idx[:-1], idx[1:]):
+            v = self.velocity(x, sigmas[a].expand(x.shape[0]), cond)
+            x = x + (sigmas[b] - sigmas[a]) * v
+        return x
 
     def step(
         self,

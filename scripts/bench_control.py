@@ -214,10 +214,7 @@ def markdown(results: dict[str, Any]) -> str:
             r = ""
             if ratio and name == "genrl-gaussian":
                 r = f"**{ratio['median']:.2f}x** ({', '.join(f'{x:.2f}' for x in ratio['per_seed'])})"
-            lines.append(
-                f"| {env_id} | {name} | {s['sps_median']:.0f} | {100 * s['fraction_of_ceiling']:.0f}% | "
-                f"{s['return_mean']:.0f} ± {s['return_std_over_seeds']:.0f} | {r} |"
-            )
+            lines.append(f"| {env_id} | {name} | {s['sps_median']:.0f} | {100 * s['fraction_of_ceiling']:.0f}% | {s['return_mean']:.0f} ± {s['return_std_over_seeds']:.0f} | {r} |")
         lines.append(f"| {env_id} | raw simulator (random actions) | {e['raw_sim_sps']:.0f} | 100% | | |")
     return "\n".join(lines) + "\n"
 

@@ -42,7 +42,13 @@ GORL_TRAIN: dict[str, Any] = {"refine_steps": 5000}
 
 
 def make_config(
-    family: str, env_id: str, steps: int, seed: int, out: Path, ppo: dict[str, Any] | None = None, n_envs: int = 1,
+    family: str,
+    env_id: str,
+    steps: int,
+    seed: int,
+    out: Path,
+    ppo: dict[str, Any] | None = None,
+    n_envs: int = 1,
     preset: str | None = None,
 ) -> Any:
     """The run's config: genrl's defaults plus this script's per-family choices, or with
@@ -138,8 +144,9 @@ def multigoal(args: argparse.Namespace) -> None:
     for family in args.families:
         per_seed = []
         for seed in args.seeds:
-            cfg = make_config(family, "genrl/MultiGoal-v0", args.steps, seed, out / f"multigoal-{family}-s{seed}",
-                              {"n_steps": 64, "n_minibatches": 8}, n_envs=8)  # 512 samples, minibatches of 64
+            cfg = make_config(
+                family, "genrl/MultiGoal-v0", args.steps, seed, out / f"multigoal-{family}-s{seed}", {"n_steps": 64, "n_minibatches": 8}, n_envs=8
+            )  # 512 samples, minibatches of 64
             algo, res = train_one(cfg, 5)
             paths, returns = trajectories(algo.policy, "genrl/MultiGoal-v0", algo.env.obs_normalizer_state(), args.episodes, seed + 20_000)
             algo.env.close()
@@ -198,7 +205,7 @@ def mujoco(args: argparse.Namespace) -> None:
         label = {v: v[0] if v[1] == "default" else f"{v[0]} (paper)" for v in variants}
         runs: dict[str, list[dict[str, Any]]] = {label[v]: [] for v in variants}
         for i, seed in enumerate(args.seeds):
-            order = variants[i % len(variants):] + variants[: i % len(variants)]
+            order = variants[i % len(variants) :] + variants[: i % len(variants)]
             for family, preset in order:
                 name = label[(family, preset)]
                 cfg = make_config(family, env_id, args.steps, seed, out / f"{env_id}-{name.replace(' (paper)', '-paper')}-s{seed}",
@@ -215,9 +222,7 @@ def mujoco(args: argparse.Namespace) -> None:
                 "sps_median": statistics.median(r["sps"] for r in rs),
             }
             if "gaussian" in runs:
-                summary[family]["cost_vs_gaussian"] = statistics.median(
-                    g["sps"] / r["sps"] for g, r in zip(runs["gaussian"], rs)
-                )
+                summary[family]["cost_vs_gaussian"] = statistics.median(g["sps"] / r["sps"] for g, r in zip(runs["gaussian"], rs))
         results["envs"][env_id] = {"runs": runs, "summary": summary}
         (out / "mujoco.json").write_text(json.dumps(results, indent=2))
     lines = [
@@ -282,13 +287,16 @@ def main() -> None:
     j.add_argument("--eval-episodes", type=int, default=10)
     j.add_argument("--n-envs", type=int, default=8, help="envs per family (batched inference amortises the flow/diffusion samplers)")
     j.add_argument("--n-steps", type=int, default=256, help="rollout steps per env per iteration (8 x 256 = the usual 2048)")
-    j.add_argument("--presets", nargs="+", default=["default"], choices=["default", "paper"],
-                   help="genrl's defaults and/or each family's --preset paper, side by side (same seeds, same budget)")
+    j.add_argument(
+        "--presets",
+        nargs="+",
+        default=["default"],
+        choices=["default", "paper"],
+        help="genrl's defaults and/or each family's --preset paper, side by side (same seeds, same budget)",
+    )
     for s in (m, j):
-        s.add_argument("--policy-set", action="append", default=[], metavar="FAMILY.KEY=VALUE",
-                       help="override a family's policy config, e.g. policyflow.brownian_coef=0.25")
-        s.add_argument("--ppo-set", action="append", default=[], metavar="FAMILY.KEY=VALUE",
-                       help="override a family's PPO settings, e.g. policyflow.ent_coef=0.001")
+        s.add_argument("--policy-set", action="append", default=[], metavar="FAMILY.KEY=VALUE", help="override a family's policy config, e.g. policyflow.brownian_coef=0.25")
+        s.add_argument("--ppo-set", action="append", default=[], metavar="FAMILY.KEY=VALUE", help="override a family's PPO settings, e.g. policyflow.ent_coef=0.001")
         s.add_argument("--seeds", type=int, nargs="+", default=[1])
         s.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
         s.add_argument("--out", default="bench_out/generative")

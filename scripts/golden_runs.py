@@ -31,14 +31,14 @@ CONTROL: dict[str, dict[str, Any]] = {  # name -> config overrides (env Pendulum
     "ppo-fpo": {"policy": "fpo", "policy_config": {"hidden_sizes": [16], "n_steps": 2, "n_mc": 2}},
     "ppo-diffusion": {"policy": "diffusion", "policy_config": {"hidden_sizes": [16], "n_denoising_steps": 2}},
     "gorl-stage-boundary": {
-        "policy": "gorl", "policy_config": {"encoder_hidden": [16], "decoder_hidden": [16], "decoder_steps": 2},
+        "policy": "gorl",
+        "policy_config": {"encoder_hidden": [16], "decoder_hidden": [16], "decoder_steps": 2},
         "gorl": {"stage_fractions": [0.5, 0.5], "refine_steps": 64, "decoder_epochs": 2, "decoder_batch_size": 32},
     },  # fmt: skip
 }
 IMAGE: dict[str, dict[str, Any]] = {
     "flow-grpo": {"algo": "flow-grpo"},
-    "g2rpo-guard-gdpo": {"algo": "g2rpo", "reward": "digit=1,jpeg_compressibility=0.1",
-                         "grpo": {"ratio": "guard", "reward_aggregation": "gdpo"}},  # fmt: skip
+    "g2rpo-guard-gdpo": {"algo": "g2rpo", "reward": "digit=1,jpeg_compressibility=0.1", "grpo": {"ratio": "guard", "reward_aggregation": "gdpo"}},  # fmt: skip
 }
 
 

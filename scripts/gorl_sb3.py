@@ -107,9 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
         "train_seconds": round(train_s, 2),
         "steps_per_second": round(steps / train_s, 1),
     }
-    print(f"GoRL-{args.algo.upper()} on {args.env}, {steps} steps in {train_s:.1f} s: "
-          f"eval return {mean:.1f} +- {std:.1f} over {args.eval_episodes} episodes; "
-          f"{len(callback.history)} decoder refinement(s) at {[int(h['num_timesteps']) for h in callback.history]}")
+    print(
+        f"GoRL-{args.algo.upper()} on {args.env}, {steps} steps in {train_s:.1f} s: "
+        f"eval return {mean:.1f} +- {std:.1f} over {args.eval_episodes} episodes; "
+        f"{len(callback.history)} decoder refinement(s) at {[int(h['num_timesteps']) for h in callback.history]}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

@@ -132,9 +132,12 @@ def main() -> None:
     for m in modules:
         m.train()
     params = [p for m in modules for p in m.parameters()]
-    print(f"params: transformer {sum(p.numel() for p in pipe.transformer.parameters()):,}, "
-          f"text encoders {sum(p.numel() for m in modules[1:] for p in m.parameters()):,}; "
-          f"data {tuple(images.shape)}; setup {time.perf_counter() - t_start:.1f}s", flush=True)
+    print(
+        f"params: transformer {sum(p.numel() for p in pipe.transformer.parameters()):,}, "
+        f"text encoders {sum(p.numel() for m in modules[1:] for p in m.parameters()):,}; "
+        f"data {tuple(images.shape)}; setup {time.perf_counter() - t_start:.1f}s",
+        flush=True,
+    )
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
     # All training prompts: index 0 is "" (dropout), then every template variant of every digit.

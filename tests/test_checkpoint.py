@@ -8,8 +8,8 @@ process or ``genrl.trainer.train``.
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -18,9 +18,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from compare import assert_same_nested, assert_same_tensors
 from safetensors.torch import load_file
 
-from compare import assert_same_nested, assert_same_tensors
 from genrl import cli
 from genrl.checkpoint import checkpoint_steps, latest_checkpoint, load_checkpoint
 from genrl.config import config_from_dict

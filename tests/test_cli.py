@@ -263,8 +263,9 @@ def test_eval_prints_mean_and_std(runs: dict[str, Path], capsys) -> None:
 
 
 def _mujoco_render_or_skip() -> None:
-    import genrl_envs  # noqa: F401  (sets MUJOCO_GL=egl when there is no display)
     import gymnasium as gym
+
+    import genrl_envs  # noqa: F401  (sets MUJOCO_GL=egl when there is no display)
 
     try:
         env = gym.make("InvertedPendulum-v5", render_mode="rgb_array")

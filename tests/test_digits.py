@@ -100,8 +100,12 @@ def test_pipeline_shapes(with_vae: bool) -> None:
     pipe = build_digits_pipeline(seed=0, with_vae=with_vae)
     assert pipe.text_encoder_3 is None and (pipe.vae is not None) == with_vae
     pe, npe, pp, npp = pipe.encode_prompt(
-        ["a handwritten 7", "the digit seven", "a zebra"], None, None, device="cpu",
-        do_classifier_free_guidance=True, max_sequence_length=0,
+        ["a handwritten 7", "the digit seven", "a zebra"],
+        None,
+        None,
+        device="cpu",
+        do_classifier_free_guidance=True,
+        max_sequence_length=0,
     )
     assert pe.shape == npe.shape == (3, 16, 64) and pp.shape == npp.shape == (3, 64)
     c, s = (4, 4) if with_vae else (1, 8)
@@ -109,8 +113,7 @@ def test_pipeline_shapes(with_vae: bool) -> None:
     assert (cfg.in_channels, cfg.out_channels, cfg.sample_size) == (c, c, s)
     x = torch.randn(3, c, s, s)
     with torch.no_grad():
-        v = pipe.transformer(hidden_states=x, timestep=torch.tensor([999.0, 500.0, 1.0]),
-                             encoder_hidden_states=pe, pooled_projections=pp).sample
+        v = pipe.transformer(hidden_states=x, timestep=torch.tensor([999.0, 500.0, 1.0]), encoder_hidden_states=pe, pooled_projections=pp).sample
         assert v.shape == x.shape and torch.isfinite(v).all()
         if with_vae:
             img = pipe.vae.decode(v / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
@@ -148,13 +151,11 @@ def test_shipped_base_loads() -> None:
     pipe = StableDiffusion3Pipeline.from_pretrained(str(ASSET), **missing)
     assert pipe.vae is None and pipe.transformer.config.in_channels == 1 and pipe.transformer.config.sample_size == 8
     sidecar = json.loads((ASSET / "genrl_t2i.json").read_text())
-    assert sidecar == {"resolution": 8, "max_sequence_length": 0, "guidance_scale": 1.0,
-                       "num_inference_steps": 10, "prompts": "digits"}
+    assert sidecar == {"resolution": 8, "max_sequence_length": 0, "guidance_scale": 1.0, "num_inference_steps": 10, "prompts": "digits"}
     size = sum(f.stat().st_size for f in ASSET.rglob("*") if f.is_file())
     assert size < 4_000_000
     # the SD3 pipeline's own sampler runs it (vae=None: default height 64 -> 8x8 "latents" = images)
-    out = pipe(digit_prompts()[:2], num_inference_steps=2, guidance_scale=1.0, output_type="latent",
-               max_sequence_length=0, generator=torch.Generator().manual_seed(0))
+    out = pipe(digit_prompts()[:2], num_inference_steps=2, guidance_scale=1.0, output_type="latent", max_sequence_length=0, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 1, 8, 8)
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from compare import assert_same_nested, assert_same_tensors
 from torch.distributions import Normal, kl_divergence
 
-from compare import assert_same_nested, assert_same_tensors
-from genrl_envs.base import EnvSpec, StepResult
 from genrl import cli
 from genrl.algos.gorl import GoRL, GoRLTrainConfig, stage_boundaries
 from genrl.algos.ppo import PPO, PPOConfig
@@ -27,6 +26,7 @@ from genrl.checkpoint import checkpoint_steps, load_checkpoint
 from genrl.config import TrainConfig, config_from_dict
 from genrl.errors import ConfigError
 from genrl.logger import read_csv
+from genrl_envs.base import EnvSpec, StepResult
 from genrl_policies.base import load_pretrained, record_map, resolve_family
 from genrl_policies.gaussian import GaussianConfig, GaussianPolicy, GaussianRecord
 from genrl_policies.gorl import GoRLConfig, GoRLPolicy, diffusion_alpha_bars, gaussian_kl_to_prior
@@ -554,7 +554,7 @@ def test_cli_reports_bad_gorl_settings(tmp_path: Path, capsys: pytest.CaptureFix
     assert "stage_fractions" in capsys.readouterr().err
     assert cli.main([*base, "--steps", "2048", "--set", "gorl.refine_steps=0"]) == 2
     assert "gorl.refine_steps" in capsys.readouterr().err
-    assert cli.main([*base, "--steps", "2048", "--set", "policy_config.decoder=\"ddim\""]) == 2
+    assert cli.main([*base, "--steps", "2048", "--set", 'policy_config.decoder="ddim"']) == 2
     assert "unknown decoder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 

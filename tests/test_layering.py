@@ -42,12 +42,7 @@ def test_package_does_not_import_upper_layers(package: str) -> None:
     files = sorted((ROOT / package).rglob("*.py"))
     assert files, f"no .py files under {package}/"
     assert (ROOT / package / "__init__.py") in files
-    violations = [
-        f"{f.relative_to(ROOT)}:{line} imports {name}"
-        for f in files
-        for line, name in imported_top_levels(f)
-        if name in FORBIDDEN[package]
-    ]
+    violations = [f"{f.relative_to(ROOT)}:{line} imports {name}" for f in files for line, name in imported_top_levels(f) if name in FORBIDDEN[package]]
     assert not violations, "\n".join(violations)
 
 

@@ -94,9 +94,7 @@ def test_approx_kl_nonnegative() -> None:
 
 def test_approx_kl_estimates_gaussian_kl() -> None:
     # actions from the behaviour policy N(0, 1); the new policy is N(0.3, 1.2^2) (1-D).
-    old, new = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64)), Normal(
-        torch.tensor(0.3, dtype=F64), torch.tensor(1.2, dtype=F64)
-    )
+    old, new = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64)), Normal(torch.tensor(0.3, dtype=F64), torch.tensor(1.2, dtype=F64))
     x = torch.randn(200_000, generator=gen(13), dtype=F64)  # x ~ old
     log_ratio = new.log_prob(x) - old.log_prob(x)
     _, stats = clipped_surrogate(log_ratio, torch.ones_like(x), 0.2)

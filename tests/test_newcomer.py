@@ -80,8 +80,7 @@ def test_pickled_optimizer_message_does_not_advise_unpickling(tmp_path: Path) ->
 
 def test_custom_env_module_and_env_kwargs_train_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_envs.py").write_text(
-        "import gymnasium as gym\n"
-        "gym.register('MyPendulum-v0', entry_point='gymnasium.envs.classic_control.pendulum:PendulumEnv', max_episode_steps=50)\n"
+        "import gymnasium as gym\ngym.register('MyPendulum-v0', entry_point='gymnasium.envs.classic_control.pendulum:PendulumEnv', max_episode_steps=50)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"

@@ -238,9 +238,7 @@ def test_interpolation_endpoint_is_the_stored_phi1_not_the_action() -> None:
 
 
 @pytest.mark.parametrize("old_scale,tol,min_corr", [(0.0, 0.05, 0.999), (0.3, 0.6, 0.9)])
-def test_grid_ratio_approximates_the_exact_conditional_cnf_ratio(
-    old_scale: float, tol: float, min_corr: float
-) -> None:
+def test_grid_ratio_approximates_the_exact_conditional_cnf_ratio(old_scale: float, tol: float, min_corr: float) -> None:
     """PolicyFlow's E_t[log rho_t] against the exact conditional ratio with dphi_1 from dopri5.
 
     Both are O(eps) for a parameter step of size eps. From the identity init (a straight flow with
@@ -302,7 +300,7 @@ class GaussianFlow(nn.Module):
 
 def test_brownian_residual_vanishes_for_the_heat_velocity() -> None:
     c, n = 0.4, 64
-    t = torch.arange(21, dtype=F64).repeat_interleave(n // 16)[: n] / 20
+    t = torch.arange(21, dtype=F64).repeat_interleave(n // 16)[:n] / 20
     x = 2.0 * torch.randn(t.numel(), ACT, generator=gen(5), dtype=F64)
     obs = torch.zeros(t.numel(), OBS, dtype=F64)
     v_hat = GaussianFlow(c)(x, t, obs)

@@ -64,8 +64,9 @@ def test_sd3_cfg_trains_only_the_conditional_branch(tmp_path: Path) -> None:
 
 
 def test_flux_true_cfg_trains_only_the_conditional_branch(tmp_path: Path) -> None:
-    from genrl_envs.t2i import TextToImageEnv
     from test_t2i_pipelines import build_tiny_flux
+
+    from genrl_envs.t2i import TextToImageEnv
 
     env = TextToImageEnv(build_tiny_flux(tmp_path, guidance_embeds=False), rewards="brightness")
     assert env.true_cfg
@@ -94,16 +95,15 @@ def toy_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("T", [10, 16])
 def test_g2rpo_continuation_matches_the_official_loop(T: int) -> None:
     sigmas = shifted_sigmas(T, 3.0)
-    algo = GRPO.__new__(GRPO)  # only the ODE helper is exercised
-    algo.sigmas = sigmas.double()
-    algo.policy = SimpleNamespace(velocity=lambda x, s, cond: toy_velocity(x, s[0]))
+    stub = SimpleNamespace(velocity=lambda x, s, cond: toy_velocity(x, s[0]))  # FlowImagePolicy.ode on a toy field
     x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     skipped = 0
     for lam in (1, 2, 3):
         for k in range(T - 1):
             idx = continuation_indices(k, lam, T)
             ref = official_continuation(toy_velocity, x, sigmas.double(), k, lam)
-            torch.testing.assert_close(algo._ode(x, None, idx), ref, rtol=0, atol=1e-12)
+            got = FlowImagePolicy.ode(stub, x, sigmas.double(), None, idx)  # type: ignore[arg-type]
+            torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
             if (T - (k + 2)) % lam:  # the stride skips sigma = 0
                 skipped += 1
                 assert idx != continuation_indices(k, lam, T, "extended")
@@ -122,8 +122,9 @@ def test_g2rpo_flux_schedule_and_timesteps_match_the_official_script(tmp_path: P
     sig = shifted_sigmas(16, 3.0)
     ref = torch.tensor([int(s * 1000) / 1000 for s in sig], dtype=torch.float32)
     assert torch.equal(FlowImagePolicy.model_sigma(stub, sig), ref)  # type: ignore[arg-type]
-    from genrl_envs.t2i import TextToImageEnv
     from test_t2i_pipelines import build_tiny_flux
+
+    from genrl_envs.t2i import TextToImageEnv
 
     env = TextToImageEnv(build_tiny_flux(tmp_path, guidance_embeds=True), rewards="brightness")
     policy = FlowImagePolicy(env.transformer, guidance_scale=env.guidance_scale, lora=LoraSpec(rank=2, alpha=4))
@@ -192,6 +193,7 @@ def test_shifted_schedule_is_monotone_and_ends_at_zero() -> None:
 # -- presets: every value the README lists is what building the preset gives --------------------
 def readme_preset_rows() -> list[tuple[str, str, object]]:
     import re
+
     import tomllib
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -264,8 +266,8 @@ def test_adaptive_lr_rule() -> None:
 
 @pytest.mark.parametrize("every", ["minibatch", "epoch"])
 def test_adaptive_lr_moves_the_optimiser_lr_with_the_measured_kl(every: str) -> None:
-    from genrl_envs import make_env
     from genrl.algos.ppo import PPO, PPOConfig
+    from genrl_envs import make_env
     from genrl_policies.gaussian import GaussianPolicy
 
     lrs = {}

@@ -17,12 +17,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from compare import assert_same_nested, assert_same_tensors
-from genrl_envs import make_env
+
 from genrl.checkpoint import checkpoint_steps
 from genrl.config import config_from_dict
 from genrl.trainer import train
+from genrl_envs import make_env
 
 ENV_ID = "genrl-test/HopperShort-v0"  # Hopper-v5 with a 40-step time limit: terminations and truncations
 if ENV_ID not in gym.registry:

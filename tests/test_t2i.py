@@ -12,12 +12,12 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+from genrl.algos.grpo import GRPO, GRPOConfig  # noqa: E402
+from genrl.losses import clipped_surrogate  # noqa: E402
 from genrl_envs.base import EnvError  # noqa: E402
 from genrl_envs.digits import build_digits_pipeline  # noqa: E402
 from genrl_envs.rewards import RewardError, RewardSet  # noqa: E402
 from genrl_envs.t2i import TextToImageEnv, load_pipeline, read_prompts  # noqa: E402
-from genrl.algos.grpo import GRPO, GRPOConfig  # noqa: E402
-from genrl.losses import clipped_surrogate  # noqa: E402
 from genrl_policies.t2i import Conditioning, FlowImagePolicy, LoraSpec, sde_step  # noqa: E402
 
 PROMPTS = [f"a handwritten {d}" for d in range(10)]
@@ -216,7 +216,10 @@ def test_clip_reward_from_a_local_folder(tmp_path: Path) -> None:
     tok = load_clip_tokenizer(tmp_path / "tok")
     v = len(tok)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1),
+        text_config=dict(
+            vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=16, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=v - 1,
+        ),  # fmt: skip
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8),
         projection_dim=8,
     )  # fmt: skip

@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from genrl.algos.grpo import GRPO, GRPOConfig  # noqa: E402
 from genrl_envs.digits import build_digits_pipeline, load_clip_tokenizer, write_clip_bpe_tokenizer  # noqa: E402
 from genrl_envs.t2i import TextToImageEnv  # noqa: E402
-from genrl.algos.grpo import GRPO, GRPOConfig  # noqa: E402
 from genrl_policies.t2i import Conditioning, FlowImagePolicy, LoraSpec  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from genrl.advantages import aggregate_advantages
+from genrl.advantages import aggregate_advantages, batch_normalize
 from genrl.algos.grpo import GRPO, _Timer, continuation_indices
 from genrl.losses import clipped_surrogate
 from genrl_policies.t2i import Conditioning, sde_step
@@ -62,8 +62,8 @@ class G2RPO(GRPO):
         grouped = {k: v.to(self.device).reshape(self.m_steps, L, P, G) for k, v in scores.items()}
         inner = "per_reward" if self.aggregation == "gdpo" else self.aggregation
         adv = aggregate_advantages(grouped, env.rewards.weights, mode=inner, std_scope="group", ddof=self.ddof, eps=self.eps).sum(dim=1)
-        if self.aggregation == "gdpo":
-            adv = (adv - adv.mean()) / (adv.std(correction=self.ddof) + self.eps)
+        if self.aggregation == "gdpo":  # GDPO over the lambda-summed advantages
+            adv = batch_normalize(adv, ddof=self.ddof, eps=self.eps)
         adv = adv.reshape(self.m_steps, P * G).clamp(-cfg.adv_clip, cfg.adv_clip)
         return {
             "prompts": prompts, "cond_p": cond_p, "anchors": torch.stack(anchors), "x_next": torch.stack(branches),

@@ -38,14 +38,15 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from genrl_envs.base import BatchedEnv
 from genrl.algos.ppo import PPO, Critic, PPOConfig
 from genrl.errors import ConfigError
+from genrl_envs.base import BatchedEnv
 from genrl_policies.gorl import GoRLPolicy
 
 #: offsets that derive each refinement's seeds from the run seed and the stage
@@ -87,9 +88,7 @@ class GoRLTrainConfig:
         for name in ("clip_coefs", "max_grad_norms"):
             values = getattr(self, name)
             if values and (len(values) != len(fr) or any(not _is_number(v) or not v > 0 for v in values)):
-                raise ConfigError(
-                    f"invalid gorl.{name} = {list(values)!r}: one positive number per stage ({len(fr)} stages) or empty"
-                )
+                raise ConfigError(f"invalid gorl.{name} = {list(values)!r}: one positive number per stage ({len(fr)} stages) or empty")
         ints = {"refine_steps": 1, "decoder_epochs": 1, "decoder_batch_size": 1, "patience": 0}
         for name, low in ints.items():
             value = getattr(self, name)
@@ -193,7 +192,6 @@ def train_decoder(
     if n_val:
         stats["decoder_val_loss"] = best
     return stats
-
 
 
 class GoRL:
@@ -369,9 +367,7 @@ class GoRL:
         stage, refined = int(g["stage"]), int(g["refinement_steps"])
         expected = sum(1 for b in self.boundaries if self.ppo.iteration >= b)
         if stage != expected:
-            raise ValueError(
-                f"GoRL stage {stage} does not match iteration {self.ppo.iteration} (expected stage {expected})"
-            )
+            raise ValueError(f"GoRL stage {stage} does not match iteration {self.ppo.iteration} (expected stage {expected})")
         self.stage, self.refinement_steps = stage, refined
         self._apply_stage_settings()
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -331,12 +332,8 @@ class GRPO:
         return self.policy.step(x, s[i].expand(x.shape[0]), s[i + 1].expand(x.shape[0]), cond, noise_level=eta, sigma_guard=s[1], **kw)
 
     def _ode(self, x: Tensor, cond: Conditioning, indices: list[int]) -> Tensor:
-        """Deterministic Euler steps along ``indices`` of the sigma schedule (the last may jump)."""
-        s = self.sigmas
-        for a, b in zip(indices[:-1], indices[1:]):
-            v = self.policy.velocity(x, s[a].expand(x.shape[0]), cond)
-            x = x + (s[b] - s[a]) * v
-        return x
+        """Deterministic Euler steps along ``indices`` of the training schedule (the last may jump)."""
+        return self.policy.ode(x, self.sigmas, cond, indices)
 
     def _log_ratio(self, new: SDEStep, old_lp: Tensor, old_mean: Tensor) -> Tensor:
         if self.cfg.ratio == "guard":
@@ -400,9 +397,7 @@ class GRPO:
         was = self.policy.training
         self.policy.eval()
         with self.ema_weights():
-            for i in range(steps):
-                v = self.policy.velocity(x, sig[i].expand(x.shape[0]), cond)
-                x = x + (sig[i + 1] - sig[i]) * v
+            x = self.policy.ode(x, sig, cond)
         self.policy.train(was)
         return self.env.decode(x)
 

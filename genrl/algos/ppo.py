@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genrl_envs.base import BatchedEnv
 from genrl.advantages import gae
 from genrl.errors import ConfigError, NonFiniteLossError, check_weights
 from genrl.losses import clipped_surrogate, explained_variance, value_loss
+from genrl_envs.base import BatchedEnv
 from genrl_policies.base import PolicyModule, record_map
 from genrl_policies.nets import mlp
 
@@ -151,15 +151,10 @@ class PPO:
     ) -> None:
         spec = env.spec
         if (policy.obs_dim, policy.action_dim) != (spec.obs_dim, spec.action_dim):
-            raise ConfigError(
-                f"policy dims (obs {policy.obs_dim}, action {policy.action_dim}) do not match "
-                f"{spec.env_id} (obs {spec.obs_dim}, action {spec.action_dim})"
-            )
+            raise ConfigError(f"policy dims (obs {policy.obs_dim}, action {policy.action_dim}) do not match {spec.env_id} (obs {spec.obs_dim}, action {spec.action_dim})")
         batch = config.n_steps * spec.n_envs
         if batch % config.n_minibatches:
-            raise ConfigError(
-                f"n_steps * n_envs = {batch} is not divisible by n_minibatches = {config.n_minibatches}"
-            )
+            raise ConfigError(f"n_steps * n_envs = {batch} is not divisible by n_minibatches = {config.n_minibatches}")
         self.policy, self.env, self.cfg = policy.to(device), env, config
         self.device = torch.device(device)
         self.critic = Critic(spec.obs_dim, tuple(config.critic_hidden), config.critic_activation).to(device)
@@ -169,9 +164,7 @@ class PPO:
         params = self.params + self.aux_params
         # fused Adam(W): one kernel per step instead of a dozen foreach ops (~15% of update time)
         if config.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-                params, lr=config.learning_rate, eps=config.adam_eps, weight_decay=config.weight_decay, fused=True
-            )
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps, weight_decay=config.weight_decay, fused=True)
         else:
             self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps, fused=True)
         self.total_steps = int(total_steps)
@@ -244,9 +237,7 @@ class PPO:
         return obs
 
     # -- update -------------------------------------------------------------------------------
-    def ppo_loss(
-        self, obs: Tensor, record: Any, advantages: Tensor, returns: Tensor, old_values: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def ppo_loss(self, obs: Tensor, record: Any, advantages: Tensor, returns: Tensor, old_values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Total minibatch loss and its detached terms."""
         cfg = self.cfg
         if cfg.norm_adv and cfg.norm_adv_scope == "minibatch" and advantages.numel() > 1:
@@ -274,9 +265,7 @@ class PPO:
             stats.update(aux_stats)
         if not torch.isfinite(loss):
             bad = [k for k, v in stats.items() if not torch.isfinite(v).all()]
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.global_step} (terms: {', '.join(bad) or 'total'})"
-            )
+            raise NonFiniteLossError(f"non-finite loss at step {self.global_step} (terms: {', '.join(bad) or 'total'})")
         return loss, stats
 
     def update(self) -> dict[str, float]:
@@ -290,9 +279,7 @@ class PPO:
         with torch.no_grad():
             values = self.critic(s["obs"].view(T * N, -1)).view(T, N)
             next_values = self.critic(s["next_obs"].view(T * N, -1)).view(T, N)
-        advantages, returns = gae(
-            s["reward"], values, next_values, s["terminated"], s["truncated"], cfg.gamma, cfg.gae_lambda
-        )
+        advantages, returns = gae(s["reward"], values, next_values, s["terminated"], s["truncated"], cfg.gamma, cfg.gae_lambda)
         self.policy.begin_update()
         b_obs = s["obs"].view(T * N, -1)
         b_rec = record_map(lambda x: x.reshape(T * N, *x.shape[2:]), s["record"])
