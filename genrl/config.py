@@ -126,6 +126,7 @@ class TrainConfig:
             raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(ALGOS)}")
         if self.policy != "gorl" and self.gorl != GoRLTrainConfig():
             raise ConfigError(f"[gorl] settings apply only to policy 'gorl', not '{self.policy}'")
+        self.policy_config_object()  # the family's keys and types are checked when the config is parsed
 
     def policy_config_object(self) -> Any:
         """The family's config dataclass built (strictly) from ``policy_config``."""
@@ -284,6 +285,19 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig | ImageTrainConfig:
     if data.get("env") == "t2i":
         return _build(ImageTrainConfig, data, "")
     return _build(TrainConfig, data, "")
+
+
+#: config keys renamed since the first release: old -> new, per section (runs written before still resume)
+RENAMED = {"grpo": {"num_steps": "n_steps", "eval_num_steps": "eval_n_steps", "clip_range": "clip_coef", "epochs": "n_epochs"}}
+
+
+def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config with renamed keys brought to today's names (``RENAMED``)."""
+    out = dict(data)
+    for section, names in RENAMED.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {names.get(k, k): v for k, v in out[section].items()}
+    return out
 
 
 def apply_preset(data: dict[str, Any]) -> dict[str, Any]:

@@ -107,7 +107,7 @@ def check_fresh_out(run_dir: Path) -> None:
 
 
 def load_run_config(run_dir: str | Path) -> Any:
-    from genrl.config import config_from_dict
+    from genrl.config import config_from_dict, upgrade_config
 
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():
@@ -118,7 +118,7 @@ def load_run_config(run_dir: str | Path) -> Any:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"corrupt {path}: {exc}") from None
-    return config_from_dict(data)
+    return config_from_dict(upgrade_config(data))
 
 
 def open_run(cfg: Any, resume: str | Path | None) -> tuple[Any, Path, list[Path]]:
@@ -270,8 +270,10 @@ def check_same_config(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: P
     that may change on resume excepted): a resumed run must be the run that was started."""
     if saved is None:  # checkpoints written before configs were recorded
         return
+    from genrl.config import upgrade_config
     from genrl.presets import flatten
 
+    saved = upgrade_config(saved)
     free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads")}
     a, b = flatten(saved), flatten(now)
     changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))

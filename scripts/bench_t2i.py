@@ -35,7 +35,7 @@ from genrl.logger import read_csv  # noqa: E402
 
 
 def grpo_config(algo: str, args: argparse.Namespace) -> GRPOConfig:
-    common = dict(num_steps=10, group_size=args.group_size, lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank, learning_rate=args.lr)
+    common = dict(n_steps=10, group_size=args.group_size, lora_rank=args.lora_rank, lora_alpha=2.0 * args.lora_rank, learning_rate=args.lr)
     if algo == "g2rpo":
         return GRPOConfig(prompts_per_iter=args.prompts_g2rpo, granularities=(1, 2), **common)  # type: ignore[arg-type]
     return GRPOConfig(prompts_per_iter=args.prompts, updates_per_epoch=2, **common)  # type: ignore[arg-type]

@@ -82,7 +82,7 @@ def run_all(root: Path, names: list[str] | None = None) -> dict[str, dict[str, s
         if names and name not in names:
             continue
         data = merge({"env": "t2i", "model": "digits", "reward": "digit",
-                      "grpo": {"num_steps": 3, "group_size": 2, "prompts_per_iter": 2, "lora_rank": 2, "eval_num_steps": 2},
+                      "grpo": {"n_steps": 3, "group_size": 2, "prompts_per_iter": 2, "lora_rank": 2, "eval_n_steps": 2},
                       "run": {"total_steps": 16, "seed": 7, "out": str(root / name), "eval_episodes": 1, "progress": False}}, over)  # fmt: skip
         results[name] = digest_run(train(config_from_dict(data)))
     return results

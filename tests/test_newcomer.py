@@ -222,3 +222,20 @@ def test_plot_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     (image / "progress.csv").write_text("step,reward/total\n32,0.5\n")
     assert cli.main(["plot", str(run), str(image), "-o", str(tmp_path / "m.png")]) == 2
     assert "one axes" in one_error_line(capsys)
+
+
+def test_policy_keys_fail_at_parse_time_and_old_image_configs_load(tmp_path: Path) -> None:
+    from genrl.config import config_from_dict
+    from genrl.errors import ConfigError
+    from genrl.runs import load_run_config
+
+    with pytest.raises(ConfigError, match=r"unknown PMOEConfig keys \['n_expert'\].*n_experts"):
+        config_from_dict({"policy": "pmoe", "policy_config": {"n_expert": 5}})
+    old = config_from_dict({"env": "t2i"}).to_dict()  # a config.json of the first release's spelling
+    g = old["grpo"]
+    g["num_steps"], g["clip_range"], g["epochs"], g["eval_num_steps"] = g.pop("n_steps"), g.pop("clip_coef"), g.pop("n_epochs"), g.pop("eval_n_steps")
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    cfg = load_run_config(tmp_path)
+    assert cfg.grpo.n_steps == 10 and cfg.grpo.clip_coef == 1e-4 and cfg.grpo.n_epochs == 1
+    with pytest.raises(ConfigError, match="did you mean 'n_steps'"):
+        config_from_dict({"env": "t2i", "grpo": {"num_steps": 4}})  # new configs use the one spelling

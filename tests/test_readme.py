@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 CONTROL_TINY = ["--set", "ppo.n_steps=64", "--set", "ppo.n_minibatches=2", "--set", "ppo.n_epochs=1", "--eval-episodes", "1", "--no-progress"]
-T2I_TINY = ["--set", "grpo.num_steps=2", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2", "--set", "grpo.eval_num_steps=2",
+T2I_TINY = ["--set", "grpo.n_steps=2", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2", "--set", "grpo.eval_n_steps=2",
             "--set", "run.eval_episodes=1", "--set", "grpo.lora_rank=2", "--no-progress"]  # fmt: skip
 SHRINK = [  # python blocks: (pattern, replacement)
     (r'"n_steps": 1024', '"n_steps": 64, "n_minibatches": 2, "n_epochs": 1'),

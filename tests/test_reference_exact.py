@@ -128,10 +128,10 @@ def test_g2rpo_flux_schedule_and_timesteps_match_the_official_script(tmp_path: P
 
     env = TextToImageEnv(build_tiny_flux(tmp_path, guidance_embeds=True), rewards="brightness")
     policy = FlowImagePolicy(env.transformer, guidance_scale=env.guidance_scale, lora=LoraSpec(rank=2, alpha=4))
-    g2 = GRPO(policy, env, GRPOConfig(num_steps=16, group_size=2, prompts_per_iter=1), algo="g2rpo", total_images=8)
+    g2 = GRPO(policy, env, GRPOConfig(n_steps=16, group_size=2, prompts_per_iter=1), algo="g2rpo", total_images=8)
     assert g2.schedule == "shifted" and policy.timestep_levels == 1000
     assert torch.equal(g2.sigmas, sig)
-    fg = GRPO(policy, env, GRPOConfig(num_steps=16, group_size=2, prompts_per_iter=1), algo="flow-grpo", total_images=8)
+    fg = GRPO(policy, env, GRPOConfig(n_steps=16, group_size=2, prompts_per_iter=1), algo="flow-grpo", total_images=8)
     assert fg.schedule == "pipeline" and policy.timestep_levels is None
     assert torch.equal(fg.sigmas, env.sigmas(16))
 
@@ -229,7 +229,7 @@ def test_presets_layer_under_user_values_and_resolve_paper() -> None:
 
     cfg = config_from_dict({"policy": "fpo", "preset": "paper", "ppo": {"clip_coef": 0.1}})
     assert cfg.preset == "fpo" and cfg.ppo.clip_coef == 0.1 and cfg.ppo.n_epochs == 16
-    assert config_from_dict({"env": "t2i", "algo": "g2rpo", "preset": "paper"}).grpo.num_steps == 16
+    assert config_from_dict({"env": "t2i", "algo": "g2rpo", "preset": "paper"}).grpo.n_steps == 16
     for data, msg in (
         ({"policy": "gaussian", "preset": "paper"}, "no paper preset"),
         ({"policy": "gaussian", "preset": "fpo"}, "is for --policy fpo"),

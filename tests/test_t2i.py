@@ -43,7 +43,7 @@ def vae_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make(model_dir: Path, algo: str = "flow-grpo", reward: str = "brightness", seed: int = 0, **kw: object) -> GRPO:
     env = TextToImageEnv(model_dir, rewards=reward)
     policy = FlowImagePolicy(env.transformer, guidance_scale=env.guidance_scale, lora=LoraSpec(rank=4, alpha=8))
-    cfg = GRPOConfig(**{"num_steps": 4, "group_size": 4, "prompts_per_iter": 2, **kw})  # type: ignore[arg-type]
+    cfg = GRPOConfig(**{"n_steps": 4, "group_size": 4, "prompts_per_iter": 2, **kw})  # type: ignore[arg-type]
     return GRPO(policy, env, cfg, algo=algo, seed=seed, total_images=64)
 
 
@@ -80,7 +80,7 @@ def test_stored_log_probs_give_ratio_one_at_unchanged_parameters(model_dir: Path
     for j, i in enumerate(batch["steps"]):
         new = algo._step(batch["x"][:, j], i, batch["cond"], algo.cfg.noise_level, x_next=batch["x_next"][:, j])
         assert torch.equal(new.log_prob, batch["log_prob"][:, j])  # same batch: bitwise
-        loss, st = clipped_surrogate(new.log_prob - batch["log_prob"][:, j], batch["advantages"], algo.cfg.clip_range)
+        loss, st = clipped_surrogate(new.log_prob - batch["log_prob"][:, j], batch["advantages"], algo.cfg.clip_coef)
         torch.testing.assert_close(loss, -batch["advantages"].mean())
     # advantages: zero mean per prompt group (Flow-GRPO's global std keeps group means at 0)
     adv = batch["advantages"].reshape(2, 4)
@@ -106,7 +106,7 @@ def test_g2rpo_one_step_one_granularity_equals_single_sde_step_flow_grpo(model_d
 
     common = dict(std_scope="group", std_ddof=1, adv_eps=1e-8, granularities=(1,), g2rpo_steps=1)
     g2 = make(model_dir, algo="g2rpo", **common)
-    fg = GRPO(g2.policy, g2.env, GRPOConfig(num_steps=4, group_size=4, prompts_per_iter=2, sde_steps=(0,), same_initial_noise=True, **common), algo="flow-grpo", seed=0)
+    fg = GRPO(g2.policy, g2.env, GRPOConfig(n_steps=4, group_size=4, prompts_per_iter=2, sde_steps=(0,), same_initial_noise=True, **common), algo="flow-grpo", seed=0)
     b2 = g2.collect_g2rpo(_Timer())
     bf = fg.collect_flow_grpo(_Timer())
     assert b2["prompts"] == bf["prompts"] and bf["steps"] == [0]
@@ -115,7 +115,7 @@ def test_g2rpo_one_step_one_granularity_equals_single_sde_step_flow_grpo(model_d
 
     def loss_and_grad(algo: GRPO, new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         algo.optimizer.zero_grad(set_to_none=True)
-        loss, _ = clipped_surrogate(new_lp - old_lp, adv, algo.cfg.clip_range)
+        loss, _ = clipped_surrogate(new_lp - old_lp, adv, algo.cfg.clip_coef)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in algo.policy.trainable_parameters()]
 
@@ -169,7 +169,7 @@ def test_lora_training_leaves_base_weights_unchanged(model_dir: Path) -> None:
 def test_full_finetuning_with_reference_copy(model_dir: Path) -> None:
     env = TextToImageEnv(model_dir, rewards="brightness")
     policy = FlowImagePolicy(env.transformer, finetune="full")
-    algo = GRPO(policy, env, GRPOConfig(num_steps=3, group_size=2, prompts_per_iter=2, kl_coef=0.1, learning_rate=1e-3), seed=0)
+    algo = GRPO(policy, env, GRPOConfig(n_steps=3, group_size=2, prompts_per_iter=2, kl_coef=0.1, learning_rate=1e-3), seed=0)
     before = {k: v.clone() for k, v in policy.transformer.state_dict().items()}
     algo.iterate()
     assert any(not torch.equal(policy.transformer.state_dict()[k], v) for k, v in before.items())
@@ -260,7 +260,7 @@ def test_cli_run_resume_export_and_errors(model_dir: Path, tmp_path: Path, capsy
     from genrl.image_trainer import load_finetuned
 
     common = ["train", "--env", "t2i", "--model", str(model_dir), "--reward", "brightness", "--no-progress",
-              "--set", "grpo.num_steps=3", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2",
+              "--set", "grpo.n_steps=3", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2",
               "--set", "grpo.lora_rank=2", "--set", "run.eval_episodes=2"]  # fmt: skip
     full = tmp_path / "full"
     assert main([*common, "--steps", "12", "--out", str(full), "--save-every", "4"]) == 0
@@ -331,7 +331,7 @@ def test_half_precision_model_keeps_float32_latents_and_adapters(model_dir: Path
     policy = FlowImagePolicy(env.transformer, lora=LoraSpec(rank=2, alpha=4))
     assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
     assert env.transformer.dtype == torch.bfloat16
-    algo = GRPO(policy, env, GRPOConfig(num_steps=3, group_size=2, prompts_per_iter=2), seed=0)
+    algo = GRPO(policy, env, GRPOConfig(n_steps=3, group_size=2, prompts_per_iter=2), seed=0)
     m = algo.iterate()
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values())
     assert env.initial_noise(1).dtype == torch.float32
@@ -345,7 +345,7 @@ def test_ema_and_zero_advantage_runs_resume_bitwise_and_export_the_ema(model_dir
     from genrl.cli import main
 
     common = ["train", "--env", "t2i", "--model", str(model_dir), "--reward", "brightness", "--no-progress", "--steps", "16",
-              "--save-every", "4", "--set", "grpo.num_steps=3", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2",
+              "--save-every", "4", "--set", "grpo.n_steps=3", "--set", "grpo.group_size=2", "--set", "grpo.prompts_per_iter=2",
               "--set", "grpo.lora_rank=2", "--set", "run.eval_episodes=1", "--set", "grpo.ema=true", "--set", "grpo.ema_interval=2",
               "--set", "grpo.drop_zero_advantage=true", "--set", "grpo.updates_per_epoch=2"]  # fmt: skip
     full, part = tmp_path / "full", tmp_path / "part"

@@ -163,11 +163,11 @@ def test_continuation_schedules() -> None:
 
 
 def test_trained_steps_and_config_validation() -> None:
-    assert trained_steps(GRPOConfig(num_steps=10)) == list(range(9))  # 0.99 * 10 -> 9
-    assert trained_steps(GRPOConfig(num_steps=10, sde_steps=(3, 1))) == [1, 3]
-    for bad in ({"clip_range": 0}, {"group_size": 1}, {"ratio": "x"}, {"sde_steps": (10,)}, {"noise_level": 0.0}, {"kl": "nope"}):
+    assert trained_steps(GRPOConfig(n_steps=10)) == list(range(9))  # 0.99 * 10 -> 9
+    assert trained_steps(GRPOConfig(n_steps=10, sde_steps=(3, 1))) == [1, 3]
+    for bad in ({"clip_coef": 0}, {"group_size": 1}, {"ratio": "x"}, {"sde_steps": (10,)}, {"noise_level": 0.0}, {"kl": "nope"}):
         with pytest.raises(ConfigError):
-            GRPOConfig(num_steps=10, **bad)
+            GRPOConfig(n_steps=10, **bad)
 
 
 def test_sde_step_record_shapes() -> None:

@@ -73,7 +73,7 @@ def test_flux_path_matches_the_flux_pipeline(tmp_path: Path, guidance_embeds: bo
     torch.testing.assert_close(pipe.scheduler.sigmas.float(), ours_sigmas)  # the resolution-dependent shift
     torch.testing.assert_close(pipe._unpack_latents(theirs, 16, 16, pipe.vae_scale_factor), ours, atol=1e-5, rtol=1e-4)
     # and GRPO trains on it
-    algo = GRPO(policy, env, GRPOConfig(num_steps=3, group_size=2, prompts_per_iter=2), seed=0)
+    algo = GRPO(policy, env, GRPOConfig(n_steps=3, group_size=2, prompts_per_iter=2), seed=0)
     m = algo.iterate()
     assert all(torch.isfinite(torch.tensor(val)) for val in m.values())
     assert algo.env.decode(ours).shape == (1, 1, 16, 16)

@@ -38,9 +38,9 @@ class FlowGRPO(GRPO):
         else:
             x = env.initial_noise(len(prompts) * G, self.generator)
         train = trained_steps(cfg)
-        stochastic = set(cfg.sde_steps) if cfg.sde_steps else set(range(cfg.num_steps))
+        stochastic = set(cfg.sde_steps) if cfg.sde_steps else set(range(cfg.n_steps))
         xs, nexts, lps, means = [], [], [], []
-        for i in range(cfg.num_steps):
+        for i in range(cfg.n_steps):
             st = self._step(x, i, cond, cfg.noise_level if i in stochastic else 0.0, generator=self.generator)
             if i in train:
                 xs.append(x)
@@ -74,7 +74,7 @@ class FlowGRPO(GRPO):
             stats["kept_fraction"] = [keep.numel() / n]
             if keep.numel() == 0:
                 return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
-        for _ in range(cfg.epochs):
+        for _ in range(cfg.n_epochs):
             order = keep[torch.randperm(keep.numel(), generator=self.generator)] if cfg.updates_per_epoch > 1 else keep
             for mb in order.chunk(cfg.updates_per_epoch):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -84,7 +84,7 @@ class FlowGRPO(GRPO):
                     x, x_next = batch["x"][mb, j], batch["x_next"][mb, j]
                     new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
                     log_ratio = self._log_ratio(new, batch["log_prob"][mb, j], batch["mean"][mb, j])
-                    loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_range)
+                    loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_coef)
                     if cfg.kl_coef > 0:
                         kl = self._kl(new, x, i, cond).mean()
                         loss = loss + cfg.kl_coef * kl

@@ -30,7 +30,7 @@ class G2RPO(GRPO):
     def collect(self, timer: _Timer) -> dict[str, Any]:
         """Anchor ODE trajectory per prompt, G single-step SDE branches per optimised step k,
         each continued deterministically under every granularity; rewards per (k, lambda)."""
-        cfg, env, G, T = self.cfg, self.env, self.cfg.group_size, self.cfg.num_steps
+        cfg, env, G, T = self.cfg, self.env, self.cfg.group_size, self.cfg.n_steps
         t0 = time.perf_counter()
         prompts = self._prompts()
         P = len(prompts)
@@ -76,7 +76,7 @@ class G2RPO(GRPO):
         s = self.sigmas
         stats: dict[str, list[float]] = {"loss": [], "clip_fraction": [], "approx_kl": [], "kl_ref": [], "ratio_mean": [], "grad_norm": []}
         cond_p = batch["cond_p"]
-        for _ in range(cfg.epochs):
+        for _ in range(cfg.n_epochs):
             for k in range(self.m_steps):
                 self.optimizer.zero_grad(set_to_none=True)
                 xk = batch["anchors"][k]
@@ -84,7 +84,7 @@ class G2RPO(GRPO):
                 v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)
                 new = sde_step(v, xk.repeat_interleave(G, dim=0), s[k], s[k + 1], cfg.noise_level, x_next=batch["x_next"][k], sigma_guard=s[1])
                 log_ratio = self._log_ratio(new, batch["log_prob"][k], batch["mean"][k])
-                loss, st = clipped_surrogate(log_ratio, batch["advantages"][k], cfg.clip_range)
+                loss, st = clipped_surrogate(log_ratio, batch["advantages"][k], cfg.clip_coef)
                 if cfg.kl_coef > 0:
                     kl = self._kl(new, xk, k, cond_p, velocity_rows=G).mean()
                     loss = loss + cfg.kl_coef * kl

@@ -40,7 +40,7 @@ class GRPOConfig:
     for G2RPO; the model's sidecar values for guidance and resolution.
     """
 
-    num_steps: int = 10
+    n_steps: int = 10
     """T: denoising steps while sampling for training (Flow-GRPO: 10 of the 40 inference steps)."""
     noise_level: float = 0.7
     """eta of the SDE's std_s = eta * sqrt(s / (1 - s))."""
@@ -60,7 +60,7 @@ class GRPOConfig:
     std_ddof: int | None = None
     adv_eps: float | None = None
     adv_clip: float = 5.0
-    clip_range: float = 1e-4
+    clip_coef: float = 1e-4
     kl_coef: float = 0.0
     """beta of the KL to the reference (Flow-GRPO: 0.04 GenEval/OCR, 0.01 PickScore; G2RPO: 0)."""
     kl: str = "flow_grpo"
@@ -69,7 +69,7 @@ class GRPOConfig:
     """"standard" exp(lp - lp_old) or "guard" (GRPO-Guard's bias-free, step-normalised ratio)."""
     reward_aggregation: str | None = None
     """"sum" | "per_reward" | "gdpo"; default "sum" (Flow-GRPO), "per_reward" (G2RPO)."""
-    epochs: int = 1
+    n_epochs: int = 1
     """Passes over each iteration's samples."""
     updates_per_epoch: int = 1
     """Flow-GRPO: optimiser steps per pass (minibatches); G2RPO always steps once per k."""
@@ -81,7 +81,7 @@ class GRPOConfig:
     lora_alpha: float = 64.0
     guidance_scale: float | None = None
     resolution: int | None = None
-    eval_num_steps: int | None = None
+    eval_n_steps: int | None = None
     """ODE steps for evaluation and image grids (default: the model's inference steps)."""
     # G2RPO
     g2rpo_steps: int | None = None
@@ -114,15 +114,15 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "num_steps": self.num_steps >= 1,
+            "n_steps": self.n_steps >= 1,
             "noise_level": self.noise_level >= 0,
             "group_size": self.group_size >= 2,
             "prompts_per_iter": self.prompts_per_iter >= 1,
             "timestep_fraction": 0 < self.timestep_fraction <= 1,
             "adv_clip": self.adv_clip > 0,
-            "clip_range": self.clip_range > 0,
+            "clip_coef": self.clip_coef > 0,
             "kl_coef": self.kl_coef >= 0,
-            "epochs": self.epochs >= 1,
+            "n_epochs": self.n_epochs >= 1,
             "updates_per_epoch": 1 <= self.updates_per_epoch <= self.group_size * self.prompts_per_iter,
             "learning_rate": self.learning_rate > 0,
             "max_grad_norm": self.max_grad_norm > 0,
@@ -132,10 +132,10 @@ class GRPOConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid grpo.{bad[0]} = {getattr(self, bad[0])!r}")
-        if any(not 0 <= s < self.num_steps for s in self.sde_steps):
-            raise ConfigError(f"grpo.sde_steps {self.sde_steps} must lie in [0, num_steps={self.num_steps})")
-        if self.g2rpo_steps is not None and not 1 <= self.g2rpo_steps < self.num_steps:
-            raise ConfigError(f"grpo.g2rpo_steps must be in [1, num_steps) , got {self.g2rpo_steps}")
+        if any(not 0 <= s < self.n_steps for s in self.sde_steps):
+            raise ConfigError(f"grpo.sde_steps {self.sde_steps} must lie in [0, n_steps={self.n_steps})")
+        if self.g2rpo_steps is not None and not 1 <= self.g2rpo_steps < self.n_steps:
+            raise ConfigError(f"grpo.g2rpo_steps must be in [1, n_steps), got {self.g2rpo_steps}")
         for name, value, valid in (
             ("std_scope", self.std_scope, ("global", "group")),
             ("kl", self.kl, ("flow_grpo", "exact")),
@@ -160,7 +160,7 @@ def trained_steps(cfg: GRPOConfig) -> list[int]:
     """Flow-GRPO's trained step indices: the SDE steps, or the first int(T * fraction)."""
     if cfg.sde_steps:
         return sorted(set(cfg.sde_steps))
-    return list(range(max(1, int(cfg.num_steps * cfg.timestep_fraction))))
+    return list(range(max(1, int(cfg.n_steps * cfg.timestep_fraction))))
 
 
 def continuation_indices(k: int, stride: int, num_steps: int, rule: str = "official") -> list[int]:
@@ -253,7 +253,7 @@ class GRPO:
         self.ddof = cfg.std_ddof if cfg.std_ddof is not None else (1 if g2 else 0)
         self.eps = cfg.adv_eps if cfg.adv_eps is not None else (1e-8 if g2 else 1e-4)
         self.aggregation = cfg.reward_aggregation or ("per_reward" if g2 else "sum")
-        self.m_steps = cfg.g2rpo_steps if cfg.g2rpo_steps is not None else max(1, cfg.num_steps // 2)
+        self.m_steps = cfg.g2rpo_steps if cfg.g2rpo_steps is not None else max(1, cfg.n_steps // 2)
         self.device = env.device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         if cfg.kl_coef > 0:
@@ -265,7 +265,7 @@ class GRPO:
         self.schedule = cfg.schedule or ("shifted" if g2 and getattr(env, "flux", False) else "pipeline")
         policy.cfg_gradient = cfg.cfg_gradient
         policy.timestep_levels = 1000 if self.schedule == "shifted" else None
-        self.sigmas = self.schedule_sigmas(cfg.num_steps)
+        self.sigmas = self.schedule_sigmas(cfg.n_steps)
         # EMA of the trained weights (Flow-GRPO's EMAModuleWrapper), float32, outside the optimiser
         self.ema = [p.detach().clone() for p in params] if cfg.ema else None
         self.optimizer_steps = 0
@@ -390,7 +390,7 @@ class GRPO:
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], num_steps: int | None = None) -> Tensor:
         """Deterministic (ODE) images for every (prompt, seed) pair, prompt-major: (len*len, C, H, W)."""
-        steps = num_steps or self.cfg.eval_num_steps or self.env.defaults.num_inference_steps
+        steps = num_steps or self.cfg.eval_n_steps or self.env.defaults.num_inference_steps
         sig = self.schedule_sigmas(steps)
         cond = Conditioning(*self.env.encode([p for p in prompts for _ in seeds]))
         x = torch.cat([self.env.initial_noise(1, torch.Generator(device=self.device).manual_seed(s)) for _ in prompts for s in seeds])
