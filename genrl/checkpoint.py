@@ -25,7 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from genrl.errors import CheckpointError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the algorithm's own state under state.json's "algo_state" (any registered algorithm);
+1 (read, converted on restore): PPO / GoRL keys at the top level of state.json."""
+READABLE_VERSIONS = (1, 2)
 _FILES = ("policy/config.json", "policy/model.safetensors", "trainer.safetensors", "optimizer.pt", "env.safetensors", "state.json")
 
 
@@ -160,8 +163,8 @@ def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, An
     if missing:
         raise CheckpointError(f"{path} is not a complete genrl checkpoint (missing {', '.join(missing)})")
     state = read_state_json(path)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, this genrl reads {FORMAT_VERSION}")
+    if state.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, this genrl reads {', '.join(map(str, READABLE_VERSIONS))}")
     trainer = read_tensors(path / "trainer.safetensors")
     shapes = state.pop("env_shapes", {})
     env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in read_tensors(path / "env.safetensors").items()}

@@ -25,6 +25,13 @@ from genrl.errors import ConfigError
 from genrl.presets import resolve_preset
 
 ALGOS = ("ppo",)
+"""Built-in control algorithms; ``genrl.algos.base.register_control_algorithm`` adds more."""
+
+
+def control_algos() -> tuple[str, ...]:
+    from genrl.algos.base import CONTROL_ALGORITHMS
+
+    return ALGOS + tuple(CONTROL_ALGORITHMS)
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     gorl: GoRLTrainConfig = field(default_factory=GoRLTrainConfig)
     """GoRL's stage schedule and decoder refinement; only for ``policy = "gorl"``."""
+    algo_config: dict[str, Any] = field(default_factory=dict)
+    """Fields of a registered algorithm's config dataclass (``--algo`` other than ppo)."""
     preset: str | None = None
     """The preset laid under this config (``genrl.presets``), recorded for reference."""
 
@@ -122,11 +131,12 @@ class TrainConfig:
 
         if self.policy not in POLICY_FAMILIES:
             raise ConfigError(f"unknown policy '{self.policy}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}")
-        if self.algo not in ALGOS:
-            raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(ALGOS)}")
+        if self.algo not in control_algos():
+            raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(control_algos())}")
         if self.policy != "gorl" and self.gorl != GoRLTrainConfig():
             raise ConfigError(f"[gorl] settings apply only to policy 'gorl', not '{self.policy}'")
         self.policy_config_object()  # the family's keys and types are checked when the config is parsed
+        self.algo_config_object()
 
     def policy_config_object(self) -> Any:
         """The family's config dataclass built (strictly) from ``policy_config``."""
@@ -143,12 +153,33 @@ class TrainConfig:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"invalid policy_config for '{self.policy}': {exc}") from None
 
+    def algo_config_object(self) -> Any:
+        """A registered algorithm's config dataclass built from ``algo_config`` (None for ppo)."""
+        from genrl.algos.base import CONTROL_ALGORITHMS
+
+        spec = CONTROL_ALGORITHMS.get(self.algo)
+        if spec is None or spec.config_class is None:
+            if self.algo_config:
+                raise ConfigError(f"algo_config is for registered algorithms; '{self.algo}' takes its settings from its own section")
+            return None
+        cls = spec.config_class
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in self.algo_config if k not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(names), n=1)
+            raise ConfigError(f"unknown key '{unknown[0]}' in [algo_config]{f'; did you mean {close[0]!r}?' if close else ''} valid: {', '.join(names)}")
+        defaults, hints = cls(), get_type_hints(cls)
+        return cls(**{k: _coerce(v, getattr(defaults, k), f"algo_config.{k}", hints[k]) for k, v in self.algo_config.items()})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data; ``policy_config`` resolved to every field of the family's config."""
         from genrl_policies.base import config_to_dict
 
         data = json.loads(json.dumps(dataclasses.asdict(self)))
         data["policy_config"] = config_to_dict(self.policy_config_object())
+        algo_cfg = self.algo_config_object()
+        if algo_cfg is not None:
+            data["algo_config"] = config_to_dict(algo_cfg)
         return data
 
     def save(self, path: str | Path) -> None:

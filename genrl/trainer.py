@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from genrl.algos.base import Task
+from genrl.algos.base import CONTROL_ALGORITHMS, Task
 from genrl.algos.ppo import PPO
 from genrl.checkpoint import load_checkpoint, save_checkpoint
 from genrl.config import TrainConfig
@@ -61,6 +61,9 @@ def build(cfg: TrainConfig) -> PPO:
     try:
         policy_cls = resolve_family(cfg.policy)
         policy = policy_cls(env.spec.obs_dim, env.spec.action_dim, cfg.policy_config_object())
+        if cfg.algo != "ppo":  # a registered algorithm (genrl.algos.base.register_control_algorithm)
+            spec = CONTROL_ALGORITHMS[cfg.algo]
+            return spec.build(policy, env, cfg.algo_config_object(), total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device)
         if cfg.policy == "gorl":  # GoRL: PPO on the latent encoder + decoder refinement between stages
             from genrl.algos.gorl import GoRL
 
@@ -78,19 +81,32 @@ def build(cfg: TrainConfig) -> PPO:
         raise
 
 
-def save_state(algo: PPO, cfg: TrainConfig, run_dir: Path) -> Path:
-    """Checkpoint everything that shapes the rest of the run."""
-    st = algo.state_dict()
-    tensors = {f"critic.{k}": v for k, v in st["critic"].items()}
-    tensors["next_obs"] = st["next_obs"]
-    tensors["rng.generator"] = st["generator"]
+def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path:
+    """Checkpoint everything that shapes the rest of the run, whatever the algorithm: its
+    ``state_dict()`` split by kind (tensors and dicts of tensors -> trainer.safetensors, the
+    ``"optimizer"`` entry -> optimizer.pt, the rest -> state.json), its policy, the env's state
+    and the global RNGs."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    groups: list[str] = []
+    optimizer: Any = None
+    for key, value in algo.state_dict().items():
+        if key == "optimizer":
+            optimizer = value
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            groups.append(key)
+            tensors.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            plain[key] = value
     tensors["rng.torch_global"] = torch.get_rng_state()
     return save_checkpoint(
         run_dir,
         algo.global_step,
         policy=algo.policy,
         trainer_tensors=tensors,
-        optimizer_state=st["optimizer"],
+        optimizer_state=optimizer if optimizer is not None else {},
         env_state=algo.env.state_dict(),
         state={
             "global_step": algo.global_step,
@@ -100,12 +116,13 @@ def save_state(algo: PPO, cfg: TrainConfig, run_dir: Path) -> Path:
             "env_id": cfg.env.env_id,
             "numpy_global": _np_state(),
             "config": cfg.to_dict(),  # what wrote this checkpoint: resume refuses a hand-edited config.json
-            **({"gorl": st["gorl"]} if "gorl" in st else {}),  # GoRL's stage counter
+            "algo_state": plain,
+            "tensor_groups": groups,
         },
     )
 
 
-def restore_state(algo: PPO, cfg: TrainConfig, ckpt_dir: Path) -> None:
+def restore_state(algo: Any, cfg: TrainConfig, ckpt_dir: Path) -> None:
     """Load a checkpoint written by ``save_state`` into a freshly built ``algo``."""
     data = load_checkpoint(ckpt_dir)
     state = data["state"]
@@ -118,17 +135,18 @@ def restore_state(algo: PPO, cfg: TrainConfig, ckpt_dir: Path) -> None:
     except PolicyLoadError as exc:
         raise CheckpointError(str(exc)) from None
     t = data["trainer"]
+    plain, groups = state.get("algo_state"), state.get("tensor_groups")
+    if plain is None:  # checkpoints written before algo_state: PPO / GoRL's own keys at the top level
+        plain = {"global_step": state["global_step"], "iteration": state["iteration"], **({"gorl": state["gorl"]} if "gorl" in state else {})}
+        groups = ["critic"]
     try:
-        payload = {
-            "critic": {k[len("critic.") :]: v for k, v in t.items() if k.startswith("critic.")},
-            "optimizer": data["optimizer"],
-            "next_obs": t["next_obs"],
-            "generator": t["rng.generator"],
-            "global_step": state["global_step"],
-            "iteration": state["iteration"],
-        }
-        if cfg.policy == "gorl":
-            payload["gorl"] = state["gorl"]
+        payload: dict[str, Any] = {**plain, "optimizer": data["optimizer"]}
+        for key, value in t.items():
+            group = next((g for g in groups if key.startswith(g + ".")), None)
+            if group is not None:
+                payload.setdefault(group, {})[key[len(group) + 1 :]] = value
+            elif key != "rng.torch_global":
+                payload[key] = value
         algo.load_state_dict(payload)
         algo.env.load_state_dict(data["env"])
     except (KeyError, RuntimeError, ValueError) as exc:
@@ -177,7 +195,7 @@ def train(
     cfg = apply_resume_changes(cfg, extend_to, overrides)
     check_device(cfg.run.device)
     torch.set_num_threads(cfg.run.torch_threads)
-    module, cls = TASKS[cfg.algo].split(":")
+    module, cls = TASKS.get(cfg.algo, "genrl.trainer:ControlTask").split(":")  # registered control algorithms
     task = getattr(importlib.import_module(module), cls)(cfg, run_dir, fresh=not candidates)  # validates before the folder is touched
     return run(task, run_dir, candidates)
 

@@ -401,3 +401,19 @@ def test_nonfinite_loss_stops_training_cli(nan_env_id: str, tmp_path: Path, caps
     assert "non-finite" in line and "last good checkpoint: step 256" in line
     assert checkpoint_steps(out) == [256]
     load_checkpoint(out / "checkpoints" / "256")
+
+
+def test_format_1_checkpoints_still_resume_bitwise(base_run: Path, tmp_path: Path) -> None:
+    """Checkpoints of the first format (PPO's keys at the top level of state.json) are converted."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    shutil.rmtree(run / "checkpoints" / "2048")
+    path = run / "checkpoints" / "1536" / "state.json"
+    state = json.loads(path.read_text())
+    algo_state = state.pop("algo_state")
+    state.pop("tensor_groups")
+    state.update(format_version=1, global_step=algo_state["global_step"], iteration=algo_state["iteration"])
+    path.write_text(json.dumps(state))
+    train(resume=run)
+    for name in ("trainer.safetensors", "policy/model.safetensors", "env.safetensors"):
+        assert_same_tensors(base_run / "checkpoints" / "2048" / name, run / "checkpoints" / "2048" / name)

@@ -434,7 +434,7 @@ def test_trainer_builds_gorl_and_checkpoints_stage(gorl_run: Path) -> None:
     finally:
         algo.env.close()
     assert checkpoint_steps(gorl_run) == [512, 1024, 1536, 2048]
-    stages = [load_checkpoint(gorl_run / "checkpoints" / str(s))["state"]["gorl"] for s in (512, 1024, 1536, 2048)]
+    stages = [load_checkpoint(gorl_run / "checkpoints" / str(s))["state"]["algo_state"]["gorl"] for s in (512, 1024, 1536, 2048)]
     assert [s["stage"] for s in stages] == [1, 2, 2, 2]
     assert [s["refinement_steps"] for s in stages] == [300, 600, 600, 600]
     log = read_csv(gorl_run / "progress.csv")
@@ -470,8 +470,8 @@ def test_resume_across_stage_boundary_is_bitwise_exact(gorl_run: Path, tmp_path:
 
 def test_resume_rejects_missing_or_inconsistent_stage(gorl_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for mutate, needle in (
-        (lambda s: s.pop("gorl"), "does not match this run"),
-        (lambda s: s["gorl"].update(stage=0), "stage 0 does not match"),
+        (lambda s: s["algo_state"].pop("gorl"), "does not match this run"),
+        (lambda s: s["algo_state"]["gorl"].update(stage=0), "stage 0 does not match"),
     ):
         part = tmp_path / f"part-{needle[:5]}"
         shutil.copytree(gorl_run, part)

@@ -29,6 +29,7 @@ SHRINK = [  # python blocks: (pattern, replacement)
     (r'"total_steps": 20_000', '"total_steps": 256'),
     (r"range\(100\)", "range(5)"),
     (r"episodes=5", "episodes=1"),
+    (r'"algo_config": \{"n_steps": 1000\}', '"algo_config": {"n_steps": 64}'),
 ]
 
 
@@ -113,7 +114,19 @@ def test_readme_genrl_commands_and_python_blocks_run(tmp_path: Path, monkeypatch
         code = block
         for pattern, repl in SHRINK:
             code = re.sub(pattern, repl, code)
-        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+        run_as_module(code)
+
+
+def run_as_module(code: str) -> None:
+    """exec a snippet as a real module (dataclasses and type hints look their module up)."""
+    import types
+
+    module = types.ModuleType("readme_snippet")
+    sys.modules["readme_snippet"] = module
+    try:
+        exec(compile(code, "README.md", "exec"), module.__dict__)
+    finally:
+        sys.modules.pop("readme_snippet", None)
 
 
 def test_readme_image_snippets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +139,7 @@ def test_readme_image_snippets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert cli.main(tiny_genrl(shlex.split(image_cmds[0])[1:])) == 0
     for block in blocks("python"):
         if "from diffusers" in block or "load_finetuned" in block:
-            exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+            run_as_module(block)
 
 
 @pytest.mark.slow

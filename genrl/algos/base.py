@@ -10,6 +10,8 @@ algorithm is one file plus a line in ``TASKS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,3 +60,29 @@ class Task(Protocol):
         """After the last iteration: the export (``final/``) and summaries."""
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ControlAlgorithm:
+    """A registered control algorithm: ``build(policy, env, config, *, total_steps, seed, device)``
+    returns an ``Algorithm``; ``config_class`` is the typed dataclass of its ``algo_config``
+    section (checked when the run's config is parsed)."""
+
+    build: Callable[..., Algorithm]
+    config_class: type | None = None
+
+
+#: algorithm name -> how to build it; "ppo" (with GoRL around it for the gorl family) is built in
+CONTROL_ALGORITHMS: dict[str, ControlAlgorithm] = {}
+
+
+def register_control_algorithm(name: str, build: Callable[..., Algorithm], config_class: type | None = None) -> None:
+    """Make ``--algo NAME`` train with ``build`` through genrl's run loop, logs and checkpoints.
+
+    The algorithm's ``state_dict()`` is checkpointed as it is: tensors (and dicts of tensors) in
+    ``trainer.safetensors``, an ``"optimizer"`` entry in ``optimizer.pt``, everything else in
+    ``state.json``; ``load_state_dict`` gets the same dict back. Its ``policy`` is saved on its own.
+    """
+    if name == "ppo" or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"invalid algorithm name {name!r}")
+    CONTROL_ALGORITHMS[name] = ControlAlgorithm(build, config_class)

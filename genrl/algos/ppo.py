@@ -359,7 +359,7 @@ class PPO:
             "critic": self.critic.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "next_obs": self.next_obs.cpu(),
-            "generator": self.generator.get_state(),
+            "rng.generator": self.generator.get_state(),
             "global_step": self.global_step,
             "iteration": self.iteration,
         }
@@ -370,6 +370,6 @@ class PPO:
         # a fresh, aligned copy: a tensor read from a file may start off a 64-byte boundary, and
         # the policy's first action would then round differently (see envs.gym._aligned)
         self.next_obs = state["next_obs"].to(self.device, copy=True)
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["rng.generator"])
         self.global_step = int(state["global_step"])
         self.iteration = int(state["iteration"])
