@@ -52,13 +52,17 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     *,
-    policy: Any,
     trainer_tensors: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
-    env_state: dict[str, Any],
     state: dict[str, Any],
+    policy: Any = None,
+    env_state: dict[str, Any] | None = None,
+    tensor_files: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a checkpoint for ``step`` atomically and return its folder."""
+    """Write the checkpoint of ``step`` atomically (every algorithm uses this one writer) and
+    return its folder: ``trainer.safetensors``, ``optimizer.pt``, ``state.json``, plus
+    ``policy/`` (a module with ``save_pretrained``), ``env.safetensors`` (an env's
+    ``state_dict()``) and ``<name>.safetensors`` for each of ``tensor_files`` when given."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step}-{os.getpid()}"
@@ -66,14 +70,18 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        policy.save_pretrained(tmp / "policy")
+        meta = dict(state, format_version=FORMAT_VERSION)
+        if policy is not None:
+            policy.save_pretrained(tmp / "policy")
+        for name, tensors in (tensor_files or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         save_file({k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        env_arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in env_state["arrays"].items()}
-        save_file(env_arrays, str(tmp / "env.safetensors"))
-        # safetensors does not keep 0-d shapes: record every array's shape beside it
-        shapes = {k: list(np.shape(v)) for k, v in env_state["arrays"].items()}
-        meta = dict(state, format_version=FORMAT_VERSION, env_meta=env_state["meta"], env_shapes=shapes)
+        if env_state is not None:
+            env_arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in env_state["arrays"].items()}
+            save_file(env_arrays, str(tmp / "env.safetensors"))
+            # safetensors does not keep 0-d shapes: record every array's shape beside it
+            meta.update(env_meta=env_state["meta"], env_shapes={k: list(np.shape(v)) for k, v in env_state["arrays"].items()})
         (tmp / "state.json").write_text(json.dumps(meta))
         return publish_dir(tmp, root / str(step))
     finally:
@@ -151,15 +159,16 @@ def read_optimizer(file: Path) -> dict[str, Any]:
         raise CheckpointError(f"corrupt or foreign {file}: {why}") from None
 
 
-def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, optimizer: bool = True, files: tuple[str, ...] = _FILES) -> dict[str, Any]:
     """Read a checkpoint folder (policy excluded: use ``policies.load_pretrained(path/'policy')``).
 
-    Returns {"trainer": tensors, "optimizer": state, "env": {"arrays", "meta"}, "state": json};
+    Returns {"trainer": tensors, "optimizer": state, "env": {"arrays", "meta"} or None,
+    "tensors": {name: tensors} of the other safetensors files, "state": json};
     with ``optimizer=False`` the optimizer file is neither needed nor read ("optimizer": None).
     Raises CheckpointError on missing files, corrupt content or a foreign format.
     """
     path = Path(path)
-    missing = [f for f in _FILES if not (path / f).is_file() and (optimizer or f != "optimizer.pt")]
+    missing = [f for f in files if not (path / f).is_file() and (optimizer or f != "optimizer.pt")]
     if missing:
         raise CheckpointError(f"{path} is not a complete genrl checkpoint (missing {', '.join(missing)})")
     state = read_state_json(path)
@@ -167,10 +176,15 @@ def load_checkpoint(path: str | Path, *, optimizer: bool = True) -> dict[str, An
         raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, this genrl reads {', '.join(map(str, READABLE_VERSIONS))}")
     trainer = read_tensors(path / "trainer.safetensors")
     shapes = state.pop("env_shapes", {})
-    env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in read_tensors(path / "env.safetensors").items()}
+    env = None
+    if (path / "env.safetensors").is_file():
+        env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in read_tensors(path / "env.safetensors").items()}
+        env = {"arrays": env_arrays, "meta": state.pop("env_meta", None)}
+    others = {f.stem: read_tensors(f) for f in sorted(path.glob("*.safetensors")) if f.stem not in ("trainer", "env")}
     return {
         "trainer": trainer,
         "optimizer": read_optimizer(path / "optimizer.pt") if optimizer else None,
-        "env": {"arrays": env_arrays, "meta": state.pop("env_meta", None)},
+        "env": env,
+        "tensors": others,
         "state": state,
     }

@@ -10,24 +10,20 @@ fine-tuning the whole pipeline (``StableDiffusion3Pipeline.from_pretrained(final
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from genrl.algos.grpo import GRPO
-from genrl.checkpoint import normal_permissions, publish_dir, read_optimizer, read_state_json, read_tensors
+from genrl.checkpoint import load_checkpoint, normal_permissions, save_checkpoint
 from genrl.config import ImageTrainConfig
 from genrl.errors import CheckpointError
 from genrl.images import before_after, evaluate_grid, export_model, model_card, save_grid
 from genrl.logger import Logger
 from genrl.runs import check_same_config, seed_everything
 
-FORMAT_VERSION = 1
 _FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json")
 
 
@@ -57,43 +53,29 @@ def build_image(cfg: ImageTrainConfig, run_dir: Path | None = None) -> GRPO:
 
 
 def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
-    """Atomic checkpoint ``checkpoints/<step>/`` (temp folder + rename; no pickle)."""
+    """Checkpoint ``checkpoints/<step>/`` through the one writer (``genrl.checkpoint``): the
+    trained weights in ``adapter.safetensors``, RNGs and EMA in ``trainer.safetensors``."""
     st = algo.state_dict()
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{algo.global_step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in st["adapter"].items()}, str(tmp / "adapter.safetensors"))
-        save_file({"generator": st["generator"], "torch_global": torch.get_rng_state(), **st.get("ema", {})}, str(tmp / "trainer.safetensors"))
-        torch.save(st["optimizer"], tmp / "optimizer.pt")
-        state = {"format_version": FORMAT_VERSION, "kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune,
-                 "iteration": st["iteration"], "global_step": algo.global_step, "optimizer_steps": st["optimizer_steps"],
-                 "config": cfg.to_dict()}  # fmt: skip
-        (tmp / "state.json").write_text(json.dumps(state))
-        return publish_dir(tmp, root / str(algo.global_step))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    state = {"kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune, "iteration": st["iteration"], "global_step": algo.global_step,
+             "optimizer_steps": st["optimizer_steps"], "config": cfg.to_dict()}  # fmt: skip
+    return save_checkpoint(
+        run_dir, algo.global_step, trainer_tensors={"generator": st["generator"], "torch_global": torch.get_rng_state(), **st.get("ema", {})},
+        optimizer_state=st["optimizer"], state=state, tensor_files={"adapter": st["adapter"]},
+    )  # fmt: skip
 
 
 def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
-    missing = [f for f in _FILES if not (ckpt / f).is_file()]
-    if missing:
-        raise CheckpointError(f"{ckpt} is not a complete text-to-image checkpoint (missing {', '.join(missing)})")
-    state = read_state_json(ckpt)
+    data = load_checkpoint(ckpt, files=_FILES)
+    state, trainer = data["state"], data["trainer"]
     check_same_config(state.get("config"), cfg.to_dict(), ckpt)
-    if state.get("format_version") != FORMAT_VERSION or state.get("kind") != "t2i":
-        raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint of format {FORMAT_VERSION}")
+    if state.get("kind") != "t2i":
+        raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint")
     if state.get("algo") != cfg.algo or state.get("finetune") != cfg.grpo.finetune:
         raise CheckpointError(f"{ckpt} holds a {state.get('algo')}/{state.get('finetune')} run, the config says {cfg.algo}/{cfg.grpo.finetune}")
-    adapter = read_tensors(ckpt / "adapter.safetensors")
-    trainer = read_tensors(ckpt / "trainer.safetensors")
-    optimizer = read_optimizer(ckpt / "optimizer.pt")
     try:
         ema = {k: v for k, v in trainer.items() if k.startswith("ema.")} or None
-        algo.load_state_dict({"adapter": adapter, "optimizer": optimizer, "generator": trainer["generator"], "iteration": state["iteration"],
-                              "optimizer_steps": state.get("optimizer_steps", 0), "ema": ema})  # fmt: skip
+        algo.load_state_dict({"adapter": data["tensors"]["adapter"], "optimizer": data["optimizer"], "generator": trainer["generator"],
+                              "iteration": state["iteration"], "optimizer_steps": state.get("optimizer_steps", 0), "ema": ema})  # fmt: skip
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt} does not match this run: {str(exc).splitlines()[0]}") from None
     torch.set_rng_state(trainer["torch_global"])
