@@ -1,7 +1,9 @@
-"""The training run: build -> (resume) -> iterate -> log -> evaluate -> checkpoint.
-
-Plumbing shared by every algorithm lives here once: seeding, the run folder, logs, periodic
-evaluation and checkpoints, exact resume and the non-finite-loss guard.
+"""The training run, one loop for every algorithm: build -> (resume) -> iterate -> log ->
+evaluate -> checkpoint -> finish (``run``), driving a ``Task`` (``genrl.algos.base``) found in
+``TASKS`` by the config's ``algo``. ``ControlTask`` here runs PPO (GoRL around it for the gorl
+family) and every registered control algorithm; ``genrl.image_trainer.ImageTask`` runs
+Flow-GRPO and G2RPO. Run-folder safety lives in ``genrl.runs``, checkpoint files in
+``genrl.checkpoint``.
 """
 
 from __future__ import annotations
