@@ -78,6 +78,20 @@ def resolve_family(name: str) -> type[PolicyModule]:
     return getattr(importlib.import_module(module), cls)
 
 
+@dataclasses.dataclass
+class Terms:
+    """What one minibatch's loss needs from a policy (``PolicyModule.evaluate``)."""
+
+    log_ratio: Tensor
+    """(B,) or (B, K): log pi_theta - log pi_old of the recorded actions."""
+    regularizer: Tensor | None = None
+    """(B,) bonus the loss maximises (entropy), or None."""
+    aux_loss: Tensor | None = None
+    """A loss of the family's own, minimised alongside (e.g. PMOE's mixing-weight loss), or None."""
+    stats: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    """Detached scalars to log."""
+
+
 class PolicyModule(nn.Module):
     """The one base class of every policy family: input checks and the save/load format.
 
@@ -109,6 +123,19 @@ class PolicyModule(nn.Module):
 
     def auxiliary_loss(self, obs: Tensor, record: Any, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
         return None
+
+    def evaluate(self, obs: Tensor, record: Any, returns: Tensor, *, regularize: bool = True) -> Terms:
+        """Everything the loss needs for one minibatch, in one call (the algorithm's only call
+        per minibatch): the log-ratio, the regulariser (when ``regularize``), the family's own
+        loss and its statistics. Families that share work between these terms (one path point
+        for PolicyFlow's ratio and Brownian regulariser, FPO's clamp statistic) override it;
+        by default it composes ``log_ratio``, ``regularizer`` and ``auxiliary_loss``."""
+        log_ratio = self.log_ratio(obs, record)
+        reg = self.regularizer(obs, record) if regularize else None
+        aux = self.auxiliary_loss(obs, record, returns)
+        if aux is None:
+            return Terms(log_ratio, reg)
+        return Terms(log_ratio, reg, aux[0], aux[1])
 
     def begin_update(self) -> None:
         """Called by the algorithm once per update, before the first minibatch.

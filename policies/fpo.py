@@ -33,7 +33,7 @@ Choices (official code ``akanazawa/fpo``, ``playground/src/flow_policy/fpo.py``,
   it once to the final action. ``act(deterministic=True)`` drops it, but, like FPO's evaluation,
   still integrates from a *random* z unless ``deterministic_zero_noise`` (then z = 0).
 * No silent clamps: the only clamp is the per-pair one, a named field (None disables it); how often
-  it fires is reported by ``auxiliary_loss`` as the stat ``fpo/pair_clamp_fraction``.
+  it fires is reported by ``evaluate`` as the stat ``fpo/pair_clamp_fraction``.
 
 Shapes: B batch, O obs dim, A action dim, M Monte-Carlo pairs per action (``n_mc``).
 """
@@ -41,13 +41,12 @@ Shapes: B batch, O obs dim, A action dim, M Monte-Carlo pairs per action (``n_mc
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.base import PolicyModule, Terms, check_detached
 from genrl_policies.flow import VelocityNet, cfm_loss, integrate
 from genrl_policies.nets import ACTIVATIONS
 
@@ -132,7 +131,6 @@ class FPOPolicy(PolicyModule):
         cfg = self.config
         hidden = tuple(int(h) for h in cfg.hidden_sizes)
         self.velocity = VelocityNet(obs_dim, action_dim, hidden, cfg.activation, cfg.embed_dim, cfg.output_scale)
-        self._clamp_stat: tuple[weakref.ref, Tensor] | None = None  # (record, fraction) of the last log_ratio
 
     # -- the per-pair loss ----------------------------------------------------------------------
     def pair_losses(self, obs: Tensor, action: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -195,26 +193,20 @@ class FPOPolicy(PolicyModule):
             return record.cfm_loss.mean(-1) - new.mean(-1)
         diff = record.cfm_loss - new
         c = self.config.per_pair_clamp
-        if c is None:
-            return diff
-        with torch.no_grad():
-            self._clamp_stat = (weakref.ref(record), (diff.abs() > c).to(diff.dtype).mean())
-        return diff.clamp(-c, c)
+        return diff if c is None else diff.clamp(-c, c)
+
+    def evaluate(self, obs: Tensor, record: FPORecord, returns: Tensor, *, regularize: bool = True) -> Terms:
+        """The log-ratio (no regulariser, no loss of its own) and, with a clamped per-pair ratio,
+        the statistic ``fpo/pair_clamp_fraction``: the share of pairs whose |l_old - l_new|
+        exceeded the clamp."""
+        log_ratio = self.log_ratio(obs, record)
+        c = self.config.per_pair_clamp
+        if self.config.ratio_mode != "per_pair" or c is None:
+            return Terms(log_ratio)
+        with torch.no_grad():  # |clamped| == c exactly where the raw difference reached the clamp
+            fraction = (log_ratio.abs() >= c).to(log_ratio.dtype).mean()
+        return Terms(log_ratio, stats={"fpo/pair_clamp_fraction": fraction})
 
     def regularizer(self, obs: Tensor, record: FPORecord) -> None:
         """FPO has no entropy (or other) regulariser."""
         return None
-
-    def auxiliary_loss(self, obs: Tensor, record: FPORecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """No loss of its own; with a clamped per-pair ratio, a zero loss carrying the stat
-        ``fpo/pair_clamp_fraction`` (share of pairs whose |l_old - l_new| exceeded the clamp)."""
-        if self.config.ratio_mode != "per_pair" or self.config.per_pair_clamp is None:
-            return None
-        stat = self._clamp_stat
-        if stat is None or stat[0]() is not record:  # not from this minibatch's log_ratio: recompute
-            with torch.no_grad():
-                diff = record.cfm_loss - self.pair_losses(obs, record.action, record.eps, record.t)
-                fraction = (diff.abs() > self.config.per_pair_clamp).to(diff.dtype).mean()
-        else:
-            fraction = stat[1]
-        return fraction.new_zeros(()), {"fpo/pair_clamp_fraction": fraction}

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.base import PolicyModule, Terms, check_detached
 from genrl_policies.flow import METHODS, VelocityNet, integrate, time_grid
 from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob
 
@@ -126,7 +126,6 @@ class PolicyFlowPolicy(PolicyModule):
         # The frozen v_old lives in a plain list: not a submodule, so it is in neither
         # parameters() (the optimiser) nor state_dict() (save/load); ``_apply`` moves it.
         self._frozen: list[VelocityNet] = []
-        self._cache: tuple[Any, ...] | None = None  # (record, obs, t, x_t, v_old) of the last ratio
 
     def _apply(self, fn: Any, recurse: bool = True) -> PolicyFlowPolicy:
         super()._apply(fn, recurse)
@@ -173,7 +172,6 @@ class PolicyFlowPolicy(PolicyModule):
             self._frozen.append(frozen)
         else:
             self._frozen[0].load_state_dict(self.velocity.state_dict())
-        self._cache = None
 
     def sample_t(self, obs: Tensor) -> Tensor:
         """One t per sample, shape (B,), drawn from the global *CPU* torch RNG (the one the trainer
@@ -194,7 +192,6 @@ class PolicyFlowPolicy(PolicyModule):
         if self._frozen:
             with torch.no_grad():
                 v_old = self._frozen[0](x_t, t, obs)
-        self._cache = (record, obs, t, x_t, v_old)
         return x_t, v_old
 
     def velocity_variation(self, obs: Tensor, record: PolicyFlowRecord, t: Tensor) -> Tensor:
@@ -219,26 +216,33 @@ class PolicyFlowPolicy(PolicyModule):
         entropy = (self.clamped_log_std() + LOG_SQRT_2PI + 0.5).sum(-1)
         return entropy.expand(obs.shape[0])
 
-    def brownian_loss(self, obs: Tensor, record: PolicyFlowRecord) -> Tensor:
-        """mean over B and A of eta_t^2 at the last ratio's (t, x_t) for this record (else a fresh t)."""
-        cache = self._cache
-        if cache is not None and cache[0] is record and cache[1] is obs:
-            _, _, t, x_t, v_old = cache
-        else:
-            t = self.sample_t(obs)
-            x_t, v_old = self._path_point(obs, record, t)
+    def _brownian(self, obs: Tensor, x_t: Tensor, t: Tensor, v_old: Tensor | None) -> Tensor:
+        """mean over B and A of eta_t^2 at the path point (x_t, t), with v_theta (Algorithm 1)."""
         v_new = self.velocity(x_t, t, obs)
         v_hat = v_new.detach() if v_old is None else v_old
         return brownian_residual(v_new, v_hat, x_t, t).square().mean()
 
+    def evaluate(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor, *, regularize: bool = True) -> Terms:
+        """The ratio and the Brownian regulariser at **one** path point per sample (Algorithm 1:
+        the same (t, x_t) for both), the Gaussian entropy, and their statistics."""
+        check_detached(record)
+        self.check_obs(obs)
+        t = self.sample_t(obs)
+        x_t, v_old = self._path_point(obs, record, t)
+        v_new = self.velocity(x_t, t, obs)
+        dv = v_new - (v_new.detach() if v_old is None else v_old)
+        log_ratio = diag_gaussian_log_prob(record.noise, dv, self.clamped_log_std()) - record.log_prob
+        reg = self.regularizer(obs, record) if regularize else None
+        brownian = self._brownian(obs, x_t, t, v_old)
+        stats = {"policyflow/brownian": brownian.detach(), "policyflow/sigma_mean": self.clamped_log_std().detach().exp().mean()}
+        return Terms(log_ratio, reg, self.config.brownian_coef * brownian, stats)
+
     def auxiliary_loss(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """brownian_coef * ``brownian_loss`` (``returns`` is unused) and detached statistics."""
-        brownian = self.brownian_loss(obs, record)
-        stats = {
-            "policyflow/brownian": brownian.detach(),
-            "policyflow/sigma_mean": self.clamped_log_std().detach().exp().mean(),
-        }
-        return self.config.brownian_coef * brownian, stats
+        """brownian_coef * the Brownian loss at a fresh t, and its statistics (``evaluate`` uses
+        the ratio's t instead; ``returns`` is unused)."""
+        terms = self.evaluate(obs, record, returns, regularize=False)
+        assert terms.aux_loss is not None
+        return terms.aux_loss, terms.stats
 
 
 __all__ = ["PolicyFlowConfig", "PolicyFlowPolicy", "PolicyFlowRecord", "brownian_residual"]

@@ -75,11 +75,13 @@ def test_per_pair_clamp_fires_and_is_reported() -> None:
     perturb_(policy, 8, 0.3)
     lr = policy.log_ratio(obs, record)
     assert lr.abs().max() <= 0.01 + 1e-15
-    loss, stats = policy.auxiliary_loss(obs, record, torch.zeros(B, dtype=obs.dtype))
-    assert loss == 0 and 0 < stats["fpo/pair_clamp_fraction"] <= 1
+    terms = policy.evaluate(obs, record, torch.zeros(B, dtype=obs.dtype))  # the one call an algorithm makes
+    assert terms.aux_loss is None and terms.regularizer is None and torch.equal(terms.log_ratio, lr)
+    stats = terms.stats
+    assert 0 < stats["fpo/pair_clamp_fraction"] <= 1
     raw = record.cfm_loss - policy.pair_losses(obs, record.action, record.eps, record.t)
     assert stats["fpo/pair_clamp_fraction"] == (raw.abs() > 0.01).double().mean()
-    assert make(ratio_mode="average").auxiliary_loss(obs, record, torch.zeros(B)) is None
+    assert make(ratio_mode="average").evaluate(obs, record, torch.zeros(B)).stats == {}
 
 
 def test_eps_weighting_is_noise_reconstruction_error() -> None:

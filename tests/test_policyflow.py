@@ -319,29 +319,28 @@ def test_brownian_residual_vanishes_for_the_heat_velocity() -> None:
     assert loss > 1e-3 and off.theta.grad.abs() > 1e-3
 
 
-def test_auxiliary_loss_reuses_the_ratio_time_and_point() -> None:
+def test_evaluate_uses_one_time_and_point_for_ratio_and_brownian() -> None:
     policy, obs = make(brownian_coef=0.25), observations()
     randomise_(policy.parameters(), 2, 0.3)
     _, rec = policy.act(obs, generator=gen(3))
     policy.begin_update()
     randomise_(policy.velocity.parameters(), 4, 0.05)
-    t = torch.rand(B, generator=gen(6), dtype=F64)
-    policy.log_ratio_at(obs, rec, t)
     state = torch.get_rng_state()
-    loss, stats = policy.auxiliary_loss(obs, rec, torch.zeros(B, dtype=F64))
-    assert torch.equal(torch.get_rng_state(), state)  # nothing drawn: the cached (t, x_t) was used
+    t = policy.sample_t(obs)  # the t evaluate will draw: one draw per call, nothing else random
+    after_one_draw = torch.get_rng_state()
+    torch.set_rng_state(state)
+    terms = policy.evaluate(obs, rec, torch.zeros(B, dtype=F64))
+    assert torch.equal(torch.get_rng_state(), after_one_draw)
+    torch.testing.assert_close(terms.log_ratio, policy.log_ratio_at(obs, rec, t), rtol=0, atol=0)
     x_t = (1 - t.reshape(-1, 1)) * rec.z + t.reshape(-1, 1) * rec.phi1
     eta = brownian_residual(policy.velocity(x_t, t, obs), policy._frozen[0](x_t, t, obs), x_t, t)
-    torch.testing.assert_close(loss, 0.25 * eta.square().mean(), rtol=1e-12, atol=0)
-    assert set(stats) == {"policyflow/brownian", "policyflow/sigma_mean"}
-    assert all(not v.requires_grad for v in stats.values())
-    torch.testing.assert_close(stats["policyflow/brownian"], eta.square().mean().detach())
-    loss.backward()
+    torch.testing.assert_close(terms.aux_loss, 0.25 * eta.square().mean(), rtol=1e-12, atol=0)
+    assert set(terms.stats) == {"policyflow/brownian", "policyflow/sigma_mean"}
+    assert all(not v.requires_grad for v in terms.stats.values())
+    torch.testing.assert_close(terms.stats["policyflow/brownian"], eta.square().mean().detach())
+    terms.aux_loss.backward()
     assert policy.velocity.net[-1].weight.grad.abs().sum() > 0
-    # another record (or obs) object: a fresh t is drawn
-    other = dataclasses.replace(rec)
-    policy.auxiliary_loss(obs, other, torch.zeros(B, dtype=F64))
-    assert not torch.equal(torch.get_rng_state(), state)
+    assert not hasattr(policy, "_cache")  # no state carried between calls
 
 
 def test_entropy_regularizer_and_its_gradient() -> None:

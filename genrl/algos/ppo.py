@@ -242,7 +242,8 @@ class PPO:
         cfg = self.cfg
         if cfg.norm_adv and cfg.norm_adv_scope == "minibatch" and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        log_ratio = self.policy.log_ratio(obs, record)
+        terms = self.policy.evaluate(obs, record, returns, regularize=cfg.ent_coef != 0)
+        log_ratio = terms.log_ratio
         chain = self.policy.chain_weights() if log_ratio.ndim > 1 else None
         if chain is None:
             pg_loss, stats = clipped_surrogate(log_ratio, advantages, cfg.clip_coef)
@@ -252,17 +253,14 @@ class PPO:
         v_loss = value_loss(self.critic(obs), returns, old_values, cfg.clip_coef if cfg.clip_vloss else None, cfg.vf_clip_mode)
         loss = pg_loss + cfg.vf_coef * v_loss
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach())
-        reg = self.policy.regularizer(obs, record) if cfg.ent_coef != 0 else None
-        if reg is not None:
-            reg_mean = reg.mean()
+        if terms.regularizer is not None:
+            reg_mean = terms.regularizer.mean()
             loss = loss - cfg.ent_coef * reg_mean
             stats["entropy"] = reg_mean.detach()
-        aux = self.policy.auxiliary_loss(obs, record, returns)
-        if aux is not None:
-            aux_loss, aux_stats = aux
-            loss = loss + aux_loss
-            stats["aux_loss"] = aux_loss.detach()
-            stats.update(aux_stats)
+        if terms.aux_loss is not None:
+            loss = loss + terms.aux_loss
+            stats["aux_loss"] = terms.aux_loss.detach()
+        stats.update(terms.stats)
         if not torch.isfinite(loss):
             bad = [k for k, v in stats.items() if not torch.isfinite(v).all()]
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step} (terms: {', '.join(bad) or 'total'})")
