@@ -121,18 +121,20 @@ class PolicyModule(nn.Module):
     def regularizer(self, obs: Tensor, record: Any) -> Tensor | None:
         return None
 
-    def auxiliary_loss(self, obs: Tensor, record: Any, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def auxiliary_loss(self, obs: Tensor, record: Any, returns: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]] | None:
         return None
 
-    def evaluate(self, obs: Tensor, record: Any, returns: Tensor, *, regularize: bool = True) -> Terms:
+    def evaluate(self, obs: Tensor, record: Any, returns: Tensor, *, regularize: bool = True, generator: torch.Generator | None = None) -> Terms:
         """Everything the loss needs for one minibatch, in one call (the algorithm's only call
         per minibatch): the log-ratio, the regulariser (when ``regularize``), the family's own
         loss and its statistics. Families that share work between these terms (one path point
         for PolicyFlow's ratio and Brownian regulariser, FPO's clamp statistic) override it;
-        by default it composes ``log_ratio``, ``regularizer`` and ``auxiliary_loss``."""
+        by default it composes ``log_ratio``, ``regularizer`` and ``auxiliary_loss``. Any
+        randomness (PolicyFlow's t, PMOE's expert samples) comes from ``generator``, the
+        algorithm's own (checkpointed) generator; None: torch's global RNG."""
         log_ratio = self.log_ratio(obs, record)
         reg = self.regularizer(obs, record) if regularize else None
-        aux = self.auxiliary_loss(obs, record, returns)
+        aux = self.auxiliary_loss(obs, record, returns, generator=generator)
         if aux is None:
             return Terms(log_ratio, reg)
         return Terms(log_ratio, reg, aux[0], aux[1])

@@ -195,7 +195,7 @@ class FPOPolicy(PolicyModule):
         c = self.config.per_pair_clamp
         return diff if c is None else diff.clamp(-c, c)
 
-    def evaluate(self, obs: Tensor, record: FPORecord, returns: Tensor, *, regularize: bool = True) -> Terms:
+    def evaluate(self, obs: Tensor, record: FPORecord, returns: Tensor, *, regularize: bool = True, generator: torch.Generator | None = None) -> Terms:
         """The log-ratio (no regulariser, no loss of its own) and, with a clamped per-pair ratio,
         the statistic ``fpo/pair_clamp_fraction``: the share of pairs whose |l_old - l_new|
         exceeded the clamp."""

@@ -345,7 +345,7 @@ class GoRLPolicy(PolicyModule):
             return mean.square().mean(-1) + (2.0 * log_std).exp().mean(-1)
         return mean.new_zeros(mean.shape[0])
 
-    def auxiliary_loss(self, obs: Tensor, record: GoRLRecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def auxiliary_loss(self, obs: Tensor, record: GoRLRecord, returns: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]] | None:
         """latent_reg_coef * mean_B R(pi_theta(.|s)), minimised; None when off."""
         cfg = self.config
         if cfg.latent_reg == "none" or cfg.latent_reg_coef == 0:

@@ -233,12 +233,12 @@ class PMOEPolicy(PolicyModule):
             return F.mse_loss(log_alpha.exp(), best)  # mean over experts and batch, as both reference codes
         return -score_function_surrogate(log_alpha, q, generator).mean()
 
-    def auxiliary_loss(self, obs: Tensor, record: PMOERecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def auxiliary_loss(self, obs: Tensor, record: PMOERecord, returns: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """q_coef * MSE(Q(s, a_stored), returns) + mixing_coef * mixing_loss(obs)."""
         if returns.shape != (obs.shape[0],):
             raise ValueError(f"returns has shape {tuple(returns.shape)}, expected ({obs.shape[0]},)")
         q_loss = F.mse_loss(self.q_value(obs, record.action), returns)
-        mix = self.mixing_loss(obs)
+        mix = self.mixing_loss(obs, generator)
         loss = self.config.q_coef * q_loss + self.config.mixing_coef * mix
         with torch.no_grad():
             log_alpha = self.mixture(obs)[0]

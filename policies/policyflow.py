@@ -173,15 +173,16 @@ class PolicyFlowPolicy(PolicyModule):
         else:
             self._frozen[0].load_state_dict(self.velocity.state_dict())
 
-    def sample_t(self, obs: Tensor) -> Tensor:
-        """One t per sample, shape (B,), drawn from the global *CPU* torch RNG (the one the trainer
-        checkpoints, so a resumed run draws the same times on any device)."""
+    def sample_t(self, obs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One t per sample, shape (B,), from ``generator`` (the algorithm's, checkpointed with the
+        run), or torch's global CPU RNG when None."""
         b = obs.shape[0]
+        device = generator.device if generator is not None else torch.device("cpu")
         if self.config.t_sampling == "continuous":
-            t = torch.rand(b, dtype=torch.float64)
+            t = torch.rand(b, dtype=torch.float64, generator=generator, device=device)
         else:
-            grid = self.t_grid()
-            t = grid[torch.randint(0, grid.numel(), (b,))]
+            grid = self.t_grid().to(device)
+            t = grid[torch.randint(0, grid.numel(), (b,), generator=generator, device=device)]
         return t.to(device=obs.device, dtype=obs.dtype)
 
     def _path_point(self, obs: Tensor, record: PolicyFlowRecord, t: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -222,12 +223,12 @@ class PolicyFlowPolicy(PolicyModule):
         v_hat = v_new.detach() if v_old is None else v_old
         return brownian_residual(v_new, v_hat, x_t, t).square().mean()
 
-    def evaluate(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor, *, regularize: bool = True) -> Terms:
+    def evaluate(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor, *, regularize: bool = True, generator: torch.Generator | None = None) -> Terms:
         """The ratio and the Brownian regulariser at **one** path point per sample (Algorithm 1:
         the same (t, x_t) for both), the Gaussian entropy, and their statistics."""
         check_detached(record)
         self.check_obs(obs)
-        t = self.sample_t(obs)
+        t = self.sample_t(obs, generator)
         x_t, v_old = self._path_point(obs, record, t)
         v_new = self.velocity(x_t, t, obs)
         dv = v_new - (v_new.detach() if v_old is None else v_old)
@@ -237,10 +238,10 @@ class PolicyFlowPolicy(PolicyModule):
         stats = {"policyflow/brownian": brownian.detach(), "policyflow/sigma_mean": self.clamped_log_std().detach().exp().mean()}
         return Terms(log_ratio, reg, self.config.brownian_coef * brownian, stats)
 
-    def auxiliary_loss(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def auxiliary_loss(self, obs: Tensor, record: PolicyFlowRecord, returns: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """brownian_coef * the Brownian loss at a fresh t, and its statistics (``evaluate`` uses
         the ratio's t instead; ``returns`` is unused)."""
-        terms = self.evaluate(obs, record, returns, regularize=False)
+        terms = self.evaluate(obs, record, returns, regularize=False, generator=generator)
         assert terms.aux_loss is not None
         return terms.aux_loss, terms.stats
 

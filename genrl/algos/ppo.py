@@ -242,7 +242,7 @@ class PPO:
         cfg = self.cfg
         if cfg.norm_adv and cfg.norm_adv_scope == "minibatch" and advantages.numel() > 1:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        terms = self.policy.evaluate(obs, record, returns, regularize=cfg.ent_coef != 0)
+        terms = self.policy.evaluate(obs, record, returns, regularize=cfg.ent_coef != 0, generator=self.generator)
         log_ratio = terms.log_ratio
         chain = self.policy.chain_weights() if log_ratio.ndim > 1 else None
         if chain is None:
