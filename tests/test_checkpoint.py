@@ -296,15 +296,25 @@ def test_resume_without_checkpoint_exits_2(base_run: Path, tmp_path: Path, capsy
     assert "not a genrl run" in error_line(capsys)
 
 
-def test_resume_rejects_foreign_family(base_run: Path, tmp_path: Path) -> None:
+def run_with_edited_state(base_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the base run without its last checkpoint, with ``edit(state)`` applied to the
+    state.json of the newest remaining one (1536)."""
     run = tmp_path / "run"
     shutil.copytree(base_run, run)
     shutil.rmtree(run / "checkpoints" / "2048")
-    state_path = run / "checkpoints" / "1536" / "state.json"
-    state = json.loads(state_path.read_text())
-    assert state["family"] == "gaussian"
-    state["family"] = "pmoe"
-    state_path.write_text(json.dumps(state))
+    path = run / "checkpoints" / "1536" / "state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    return run
+
+
+def test_resume_rejects_foreign_family(base_run: Path, tmp_path: Path) -> None:
+    def to_pmoe(state: dict) -> None:
+        assert state["family"] == "gaussian"
+        state["family"] = "pmoe"
+
+    run = run_with_edited_state(base_run, tmp_path, to_pmoe)
     assert json.loads((run / "config.json").read_text())["policy"] == "gaussian"
     with pytest.raises(CheckpointError, match=r"pmoe/ppo run, the config says gaussian/ppo"):
         from genrl.trainer import build, restore_state
@@ -405,15 +415,13 @@ def test_nonfinite_loss_stops_training_cli(nan_env_id: str, tmp_path: Path, caps
 
 def test_format_1_checkpoints_still_resume_bitwise(base_run: Path, tmp_path: Path) -> None:
     """Checkpoints of the first format (PPO's keys at the top level of state.json) are converted."""
-    run = tmp_path / "run"
-    shutil.copytree(base_run, run)
-    shutil.rmtree(run / "checkpoints" / "2048")
-    path = run / "checkpoints" / "1536" / "state.json"
-    state = json.loads(path.read_text())
-    algo_state = state.pop("algo_state")
-    state.pop("tensor_groups")
-    state.update(format_version=1, global_step=algo_state["global_step"], iteration=algo_state["iteration"])
-    path.write_text(json.dumps(state))
+
+    def to_format_1(state: dict) -> None:
+        algo_state = state.pop("algo_state")
+        state.pop("tensor_groups")
+        state.update(format_version=1, global_step=algo_state["global_step"], iteration=algo_state["iteration"])
+
+    run = run_with_edited_state(base_run, tmp_path, to_format_1)
     train(resume=run)
     for name in ("trainer.safetensors", "policy/model.safetensors", "env.safetensors"):
         assert_same_tensors(base_run / "checkpoints" / "2048" / name, run / "checkpoints" / "2048" / name)
