@@ -135,6 +135,12 @@ class TrainConfig:
             raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(control_algos())}")
         if self.policy != "gorl" and self.gorl != GoRLTrainConfig():
             raise ConfigError(f"[gorl] settings apply only to policy 'gorl', not '{self.policy}'")
+        for name in ("stage_clip_coefs", "stage_max_grad_norms"):
+            values = getattr(self.ppo, name)
+            if values and self.policy != "gorl":
+                raise ConfigError(f"ppo.{name} is a per-stage schedule for policy 'gorl', not '{self.policy}'")
+            if values and len(values) != self.gorl.n_stages:
+                raise ConfigError(f"ppo.{name} has {len(values)} values for {self.gorl.n_stages} stages (gorl.stage_fractions): one per stage, or empty")
         self.policy_config_object()  # the family's keys and types are checked when the config is parsed
         self.algo_config_object()
 
@@ -322,12 +328,37 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig | ImageTrainConfig:
 RENAMED = {"grpo": {"num_steps": "n_steps", "eval_num_steps": "eval_n_steps", "clip_range": "clip_coef", "epochs": "n_epochs"}}
 
 
+#: settings that moved from one section to another: (old section, old key) -> (new section, new key)
+MOVED = {
+    ("policy_config", "clip_coef_base"): ("ppo", "clip_coef"),
+    ("policy_config", "clip_coef_final"): ("ppo", "clip_coef_final"),
+    ("policy_config", "clip_rate"): ("ppo", "clip_rate"),
+    ("policy_config", "gamma_denoising"): ("ppo", "denoising_gamma"),
+    ("gorl", "clip_coefs"): ("ppo", "stage_clip_coefs"),
+    ("gorl", "max_grad_norms"): ("ppo", "stage_max_grad_norms"),
+}
+
+
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
-    """A saved run config with renamed keys brought to today's names (``RENAMED``)."""
-    out = dict(data)
+    """A saved run config with renamed or moved keys brought to today's names (``RENAMED``,
+    ``MOVED``), so runs written by earlier releases still resume with the same settings."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for section, names in RENAMED.items():
         if isinstance(out.get(section), dict):
             out[section] = {names.get(k, k): v for k, v in out[section].items()}
+    if out.get("policy") == "diffusion" and "clip_coef_base" in out.get("policy_config", {}):
+        ppo = out.get("ppo", {})
+        old_clip = ppo.get("clip_coef", 0.2)
+        if ppo.get("clip_vloss") and old_clip != out["policy_config"]["clip_coef_base"]:
+            raise ConfigError(
+                "this diffusion run clipped its value loss with ppo.clip_coef and its policy loss with "
+                "policy_config.clip_coef_base; both are ppo.clip_coef now, so it cannot resume unchanged"
+            )
+    for (old_sec, old_key), (new_sec, new_key) in MOVED.items():
+        if isinstance(out.get(old_sec), dict) and old_key in out[old_sec]:
+            value = out[old_sec].pop(old_key)
+            if not (new_sec == "ppo" and new_key.startswith("stage_") and value in ((), [])):
+                out.setdefault(new_sec, {})[new_key] = value
     return out
 
 

@@ -17,7 +17,6 @@ What a PPO/GRPO loss needs from a policy, and nothing more:
   that is minimised alongside the policy loss (e.g. PMOE's mixing-weight loss), or None;
   ``auxiliary_parameters()`` lists parameters that only this loss trains (clipped apart).
 * ``begin_update()``: a hook before each update's first minibatch (no-op by default).
-* ``chain_weights()``: per-step advantage weights and clip coefficients for (B, K) ratios.
 
 The trainer never branches on the family: it stores records blindly (``record_map``), and asks
 the policy for these quantities. Policies are ``torch.nn.Module``s; ``save_pretrained`` writes
@@ -90,6 +89,10 @@ class Terms:
     """A loss of the family's own, minimised alongside (e.g. PMOE's mixing-weight loss), or None."""
     stats: dict[str, Tensor] = dataclasses.field(default_factory=dict)
     """Detached scalars to log."""
+    chain: bool = False
+    """True when a (B, K) log-ratio is per step of one sequential chain (DPPO's denoising steps:
+    the algorithm weighs and clips steps by its chain schedule); False when the K are independent
+    estimates (FPO's per-pair ratios: one clip, averaged)."""
 
 
 class PolicyModule(nn.Module):
@@ -100,6 +103,10 @@ class PolicyModule(nn.Module):
 
     family: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    chain_ratio: ClassVar[bool] = False
+    """``log_ratio`` is (B, K) per step of a denoising chain (``Terms.chain``)."""
+    retired_config_keys: ClassVar[frozenset[str]] = frozenset()
+    """Config keys of older releases that no longer belong to the family; ignored on load."""
 
     def __init__(self, obs_dim: int, action_dim: int, config: Any) -> None:
         super().__init__()
@@ -136,8 +143,8 @@ class PolicyModule(nn.Module):
         reg = self.regularizer(obs, record) if regularize else None
         aux = self.auxiliary_loss(obs, record, returns, generator=generator)
         if aux is None:
-            return Terms(log_ratio, reg)
-        return Terms(log_ratio, reg, aux[0], aux[1])
+            return Terms(log_ratio, reg, chain=self.chain_ratio)
+        return Terms(log_ratio, reg, aux[0], aux[1], chain=self.chain_ratio)
 
     def begin_update(self) -> None:
         """Called by the algorithm once per update, before the first minibatch.
@@ -145,12 +152,6 @@ class PolicyModule(nn.Module):
         Families whose ratio needs the behaviour parameters (e.g. a frozen copy of a velocity
         field) snapshot them here; the parameters are still those that produced the rollout.
         """
-
-    def chain_weights(self) -> tuple[Tensor, Tensor] | None:
-        """For families whose ``log_ratio`` is per step, (B, K): per-step advantage weights (K,)
-        and per-step clip coefficients (K,) (DPPO's denoising discount and clip schedule), or
-        None to use the algorithm's single clip coefficient and unweighted advantages."""
-        return None
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained only by ``auxiliary_loss`` (e.g. an auxiliary critic).
@@ -231,7 +232,8 @@ def load_pretrained(directory: str | os.PathLike, family: str | None = None) -> 
     if family is not None and meta["family"] != family:
         raise PolicyLoadError(f"{directory} holds a '{meta['family']}' policy, expected '{family}'")
     cls = resolve_family(meta["family"])
-    policy = cls(meta["obs_dim"], meta["action_dim"], config_from_dict(cls.config_class, meta["config"]))
+    saved = {k: v for k, v in meta["config"].items() if k not in cls.retired_config_keys}  # keys of older releases
+    policy = cls(meta["obs_dim"], meta["action_dim"], config_from_dict(cls.config_class, saved))
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types on corrupt headers

@@ -12,21 +12,20 @@ with the DDPM posterior coefficients c1, c2 and variance sigma_k^2 = beta_k (1 -
 stability floors; the stored log-probs use the scoring std, as DPPO's ``get_logprobs`` does).
 
 Only the last K' = ``ft_denoising_steps`` steps (k = K'-1, ..., 0) are fine-tuned: the record keeps
-that part of the chain and its per-step log-probs, ``log_ratio`` is per step (B, K'), and
-``chain_weights`` gives DPPO's denoising discount gamma^(K'-1-i) (later, cleaner steps weigh more)
-and its per-step clip coefficients, interpolated exponentially from ``clip_coef_base`` (first
-fine-tuned step) to ``clip_coef_final`` (last). These replace the algorithm's ``clip_coef`` for the
-policy loss. With K' < K the first K - K' steps use a frozen copy of the network taken at
+that part of the chain and its per-step log-probs, and ``log_ratio`` is per step (B, K'). DPPO's
+denoising discount gamma^(K'-1-i) (later, cleaner steps weigh more) and its per-step clip schedule
+are the algorithm's settings (``ppo.denoising_gamma``, ``ppo.clip_coef`` -> ``ppo.clip_coef_final``
+at ``ppo.clip_rate``), applied to any per-step log-ratio. With K' < K the first K - K' steps use a frozen copy of the network taken at
 construction: stored as *buffers* (``base_net``), so it is outside ``parameters()`` and the
 optimizer, but in the state dict, so a saved / resumed policy keeps its own base exactly (DPPO's
 frozen ``actor`` is also part of its checkpoints).
 
 Choices (official code ``irom-lab/dppo``, ``model/diffusion/diffusion_{vpg,ppo}.py``):
 
-* Defaults follow DPPO's gym configs (denoised clip 1, noise clamp 3, std floors 0.1, gamma 0.99,
-  clip rate 3) except the clip coefficients: 0.2 -> 0.2 here, for training from scratch, where
-  DPPO's fine-tuning value 0.01 -> 0.01 barely moves a fresh network (measured on
-  InvertedPendulum, README); ``--preset paper`` sets DPPO's values. The network is genrl's
+* Defaults follow DPPO's gym configs (denoised clip 1, noise clamp 3, std floors 0.1; PPO's
+  gamma 0.99 and clip rate 3) except the clip coefficients: PPO's 0.2 at every step here, for
+  training from scratch, where DPPO's fine-tuning value 0.01 barely moves a fresh network
+  (measured on InvertedPendulum, README); ``--preset paper`` sets DPPO's values. The network is genrl's
   ``flow.VelocityNet`` layout (it outputs eps here), zero last layer, so eps = 0 at init; with
   ``denoised_clip=1`` that samples actions in about [-1.3, 1.3] (widen it for larger action boxes;
   None removes it).
@@ -80,14 +79,6 @@ class DiffusionConfig:
     """(low, high) clamp of per-element log-probs (DPPO: (-5, 2)); None: off."""
     logprob_reduction: str = "sum"
     """Per-step log-prob over action dims: "sum" (Gaussian PPO) or "mean" (DPPO)."""
-    gamma_denoising: float = 0.99
-    clip_coef_base: float = 0.2
-    """Clip coefficient of the first (noisiest) fine-tuned step. 0.2 trains from scratch; DPPO
-    fine-tunes pretrained policies with 0.01 (its Hopper config), which barely moves a fresh one."""
-    clip_coef_final: float = 0.2
-    """Clip coefficient of the last (cleanest) fine-tuned step (DPPO fine-tuning: 0.01)."""
-    clip_rate: float = 3.0
-    """Rate of the exponential interpolation between the two (DPPO ``clip_ploss_coef_rate``)."""
 
     def __post_init__(self) -> None:
         if not self.hidden_sizes or any(int(h) != h or h <= 0 for h in self.hidden_sizes):
@@ -104,16 +95,11 @@ class DiffusionConfig:
         positive = {
             "min_sampling_std": self.min_sampling_std,
             "min_logprob_std": self.min_logprob_std,
-            "clip_coef_base": self.clip_coef_base,
-            "clip_coef_final": self.clip_coef_final,
-            "clip_rate": self.clip_rate,
         }
         optional = {"noise_clamp": self.noise_clamp, "denoised_clip": self.denoised_clip, "final_action_clip": self.final_action_clip}
         for name, value in {**positive, **{k: v for k, v in optional.items() if v is not None}}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
-        if not (0.0 < self.gamma_denoising <= 1.0):
-            raise ValueError(f"gamma_denoising must be in (0, 1], got {self.gamma_denoising}")
         if self.logprob_reduction not in LOGPROB_REDUCTIONS:
             raise ValueError(f"unknown logprob_reduction '{self.logprob_reduction}'; valid: sum, mean")
         if self.logprob_clamp is not None:
@@ -137,15 +123,6 @@ def cosine_beta_schedule(n_steps: int, s: float = 0.008) -> Tensor:
     return (1 - abar[1:] / abar[:-1]).clamp(0.0, 0.999)
 
 
-def denoising_clip_schedule(n_ft: int, base: float, final: float, rate: float) -> Tensor:
-    """Per-step clip coefficients (K',): base + (final - base) (e^{rate u} - 1) / (e^rate - 1),
-    u = i / (K' - 1) from the first (i = 0) to the last fine-tuned step; (final,) when K' = 1."""
-    if n_ft == 1:
-        return torch.tensor([final], dtype=torch.float64)
-    u = torch.arange(n_ft, dtype=torch.float64) / (n_ft - 1)
-    return base + (final - base) * torch.expm1(rate * u) / math.expm1(rate)
-
-
 def _frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy whose parameters are (persistent) buffers: same forward, nothing to train."""
     frozen = copy.deepcopy(module)
@@ -161,6 +138,8 @@ class DiffusionPolicy(PolicyModule):
 
     family = "diffusion"
     config_class = DiffusionConfig
+    chain_ratio = True
+    retired_config_keys = frozenset({"gamma_denoising", "clip_coef_base", "clip_coef_final", "clip_rate"})  # now PPO's settings
 
     def __init__(self, obs_dim: int, action_dim: int, config: DiffusionConfig | None = None) -> None:
         super().__init__(obs_dim, action_dim, config or DiffusionConfig())
@@ -185,8 +164,6 @@ class DiffusionPolicy(PolicyModule):
             "sampling_std": std.clamp(min=cfg.min_sampling_std),
             "logprob_std": std.clamp(min=cfg.min_logprob_std),
             "ft_steps": torch.arange(self.n_ft - 1, -1, -1),  # (K',) k of each fine-tuned step
-            "adv_weights": cfg.gamma_denoising ** torch.arange(self.n_ft - 1, -1, -1, dtype=torch.float64),
-            "clip_coefs": denoising_clip_schedule(self.n_ft, cfg.clip_coef_base, cfg.clip_coef_final, cfg.clip_rate),
         }
         for name, value in buffers.items():
             self.register_buffer(name, value if name == "ft_steps" else value.to(dtype), persistent=False)
@@ -259,7 +236,3 @@ class DiffusionPolicy(PolicyModule):
     def regularizer(self, obs: Tensor, record: DiffusionRecord) -> None:
         """None: the per-step Gaussian entropy is fixed by the schedule (no gradient)."""
         return None
-
-    def chain_weights(self) -> tuple[Tensor, Tensor]:
-        """(gamma_denoising^(K'-1-i) for i = 0..K'-1, per-step clip coefficients), both (K',)."""
-        return self.adv_weights, self.clip_coefs

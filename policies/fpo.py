@@ -8,8 +8,8 @@ flow-matching (CFM) losses l_old,j, and replaces PPO's log-ratio by a CFM-loss d
 
 * ``"average"`` (official default): log rho = mean_j l_old,j - mean_j l_theta,j, shape (B,);
 * ``"per_pair"``: log rho_j = clamp(l_old,j - l_theta,j, -c, c), shape (B, n_mc): the PPO loss
-  clips each pair's ratio and averages the surrogate over pairs (``chain_weights`` is None, so the
-  algorithm's single clip coefficient applies and the advantage is broadcast unweighted).
+  clips each pair's ratio and averages the surrogate over pairs (not a chain: ``Terms.chain`` is
+  False, so the algorithm's single clip coefficient applies and the advantage is broadcast unweighted).
 
 A lower CFM loss on an action is a higher ELBO, so a positive-advantage action gets rho > 1 once the
 flow moves towards it. The same (z_j, t_j) are used for every epoch; rho is exactly 1 at the

@@ -89,7 +89,8 @@ from torch import Tensor, nn
 from genrl_policies.base import PolicyModule, check_detached
 from genrl_policies.diffusion import cosine_beta_schedule
 from genrl_policies.flow import VelocityNet, cfm_loss, integrate
-from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob, mlp
+from genrl_policies.gaussian import GaussianConfig, GaussianPolicy
+from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob
 
 LATENT_REGS = ("kl", "l2_params", "none")
 DECODERS = ("flow", "diffusion")
@@ -192,32 +193,13 @@ def _ddim_coefficients(n_steps: int, schedule: str) -> tuple[tuple[float, ...], 
     return tuple(tuple(float(v) for v in x) for x in (abar.sqrt(), (1.0 - abar).sqrt(), c_x, c_e))
 
 
-class LatentEncoder(nn.Module):
-    """The encoder pi_theta(eps|s): a mean MLP and a free (or second-head) log sigma.
-
-    Laid out exactly as ``GaussianPolicy`` (``net``, ``log_std``), so the two load each other's
-    weights and stage 0 of GoRL reproduces Gaussian PPO bitwise.
-    """
-
-    def __init__(self, obs_dim: int, latent_dim: int, cfg: GoRLConfig) -> None:
-        super().__init__()
-        self.latent_dim = latent_dim
-        self.state_dependent_std = cfg.state_dependent_std
-        out = 2 * latent_dim if cfg.state_dependent_std else latent_dim
-        hidden = tuple(int(h) for h in cfg.encoder_hidden)
-        self.net = mlp(obs_dim, hidden, out, cfg.encoder_activation, out_gain=0.01)
-        if cfg.state_dependent_std:
-            with torch.no_grad():
-                self.net[-1].bias[latent_dim:] = cfg.log_std_init
-        else:
-            self.log_std = nn.Parameter(torch.full((latent_dim,), float(cfg.log_std_init)))
-
-    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        """(mean (B, Z), log_std (B, Z) or (Z,))."""
-        out = self.net(obs)
-        if self.state_dependent_std:
-            return out[:, : self.latent_dim], out[:, self.latent_dim :]
-        return out, self.log_std
+def encoder_config(cfg: GoRLConfig) -> GaussianConfig:
+    """The encoder's own config: GoRL's encoder is a ``GaussianPolicy`` over the latent (same
+    layout, so the two load each other's weights and GoRL's stage 0 reproduces Gaussian PPO)."""
+    return GaussianConfig(
+        hidden_sizes=tuple(int(h) for h in cfg.encoder_hidden), activation=cfg.encoder_activation,
+        log_std_init=float(cfg.log_std_init), state_dependent_std=cfg.state_dependent_std,
+    )  # fmt: skip
 
 
 class GoRLPolicy(PolicyModule):
@@ -230,7 +212,7 @@ class GoRLPolicy(PolicyModule):
         super().__init__(obs_dim, action_dim, config or GoRLConfig())
         cfg = self.config
         self.latent_dim = action_dim  # Z = A: eps is the ODE's initial state
-        self.encoder = LatentEncoder(obs_dim, self.latent_dim, cfg)
+        self.encoder = GaussianPolicy(obs_dim, self.latent_dim, encoder_config(cfg))
         # the encoder's construction-time weights, restored by reset_encoder() (not in the state dict)
         self._encoder_init = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
         self.decoder = self._new_decoder()
@@ -257,7 +239,7 @@ class GoRLPolicy(PolicyModule):
 
     def distribution(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """The encoder at ``obs``: (mean (B, Z), log_std (B, Z) or (Z,))."""
-        return self.encoder(obs)
+        return self.encoder.distribution(obs)
 
     @property
     def diffusion_schedule(self) -> str:
@@ -299,7 +281,7 @@ class GoRLPolicy(PolicyModule):
     def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, GoRLRecord]:
         """eps ~ N(mu(s), sigma) (eps = mu if ``deterministic``), pre = g(s, eps), action = squash(pre)."""
         self.check_obs(obs)
-        mean, log_std = self.encoder(obs)
+        mean, log_std = self.encoder.distribution(obs)
         if deterministic:
             eps = mean
         else:
@@ -314,7 +296,7 @@ class GoRLPolicy(PolicyModule):
 
     def log_prob(self, obs: Tensor, eps: Tensor) -> Tensor:
         """log pi_theta(eps | s) summed over latent dims, (B,). The decoder plays no part."""
-        mean, log_std = self.encoder(obs)
+        mean, log_std = self.encoder.distribution(obs)
         return diag_gaussian_log_prob(eps, mean, log_std)
 
     def log_ratio(self, obs: Tensor, record: GoRLRecord) -> Tensor:
@@ -325,7 +307,7 @@ class GoRLPolicy(PolicyModule):
     def regularizer(self, obs: Tensor, record: GoRLRecord) -> Tensor:
         """Entropy of the latent Gaussian: sum_z (log sigma_z + 0.5 log(2 pi e)), shape (B,)."""
         if self.config.state_dependent_std:
-            _, log_std = self.encoder(obs)
+            _, log_std = self.encoder.distribution(obs)
         else:
             log_std = self.encoder.log_std.expand(obs.shape[0], -1)
         return (log_std + LOG_SQRT_2PI + 0.5).sum(-1)
@@ -336,7 +318,7 @@ class GoRLPolicy(PolicyModule):
         "kl": KL(N(mu, sigma^2) || N(0, I)); "l2_params": mean_z mu^2 + mean_z sigma^2, whose batch
         mean is the official code's mean(mu^2) + mean(sigma^2).
         """
-        mean, log_std = self.encoder(obs)
+        mean, log_std = self.encoder.distribution(obs)
         log_std = log_std.expand_as(mean)
         kind = self.config.latent_reg
         if kind == "kl":
@@ -394,7 +376,7 @@ class GoRLPolicy(PolicyModule):
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                state = LatentEncoder(self.obs_dim, self.latent_dim, self.config).state_dict()
+                state = GaussianPolicy(self.obs_dim, self.latent_dim, encoder_config(self.config)).state_dict()
         self.encoder.load_state_dict(state)
 
     def reset_decoder(self, seed: int = 0) -> None:
@@ -418,7 +400,7 @@ __all__ = [
     "GoRLConfig",
     "GoRLPolicy",
     "GoRLRecord",
-    "LatentEncoder",
+    "encoder_config",
     "diffusion_alpha_bars",
     "gaussian_kl_to_prior",
 ]

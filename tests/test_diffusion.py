@@ -96,11 +96,11 @@ def test_mean_reduction_and_logprob_clamp() -> None:
     assert clamped.config.logprob_clamp == (-1.0, 0.5)
 
 
-@pytest.mark.parametrize("ft", [None, 1, 4])
-def test_denoising_discount_and_clip_schedule(ft: int | None) -> None:
-    policy = make(ft_denoising_steps=ft, gamma_denoising=0.9, clip_coef_base=0.002, clip_coef_final=0.05, clip_rate=3.0)
-    weights, clips = policy.chain_weights()
-    n = K if ft is None else ft
+@pytest.mark.parametrize("n", [10, 1, 4])
+def test_denoising_discount_and_clip_schedule(n: int) -> None:
+    from genrl.algos.ppo import chain_schedule
+
+    weights, clips = chain_schedule(n, 0.9, 0.002, 0.05, 3.0)
     assert weights.shape == clips.shape == (n,)
     torch.testing.assert_close(weights, torch.tensor([0.9 ** (n - 1 - i) for i in range(n)], dtype=torch.float64))
     assert weights[-1] == 1.0
@@ -110,6 +110,15 @@ def test_denoising_discount_and_clip_schedule(ft: int | None) -> None:
         assert (clips[1:] > clips[:-1]).all()
         u = torch.arange(n, dtype=torch.float64) / (n - 1)
         torch.testing.assert_close(clips, 0.002 + 0.048 * torch.expm1(3 * u) / math.expm1(3))
+
+
+def test_ppo_clip_schedule_settings_are_checked() -> None:
+    from genrl.algos.ppo import PPOConfig
+    from genrl.errors import ConfigError
+
+    for bad in ({"clip_coef_final": 0.0}, {"clip_rate": 0.0}, {"denoising_gamma": 0.0}, {"denoising_gamma": 1.5}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            PPOConfig(**bad)
 
 
 @pytest.mark.parametrize("ft", [None, 2])
@@ -227,10 +236,6 @@ def test_bad_chain_shape_raises() -> None:
         dict(final_action_clip=float("inf")),
         dict(logprob_clamp=(2.0, -5.0)),
         dict(logprob_reduction="max"),
-        dict(gamma_denoising=0.0),
-        dict(clip_coef_base=0.0),
-        dict(clip_coef_final=-0.1),
-        dict(clip_rate=0.0),
         dict(activation="mish"),
         dict(embed_dim=5),
     ],
@@ -244,3 +249,26 @@ def test_bad_obs_shape_raises() -> None:
     policy = make()
     with pytest.raises(ValueError, match=rf"\(B, {OBS}\)"):
         policy.act(torch.zeros(B, OBS + 1, dtype=torch.float64))
+
+
+def test_runs_and_policies_of_the_earlier_layout_still_load(tmp_path) -> None:
+    """DPPO's schedule and GoRL's per-stage clips moved into the PPO section; older files convert."""
+    import json
+
+    from genrl.config import config_from_dict, upgrade_config
+    from genrl.errors import ConfigError
+
+    old = {"policy": "diffusion", "policy_config": {"clip_coef_base": 0.01, "clip_coef_final": 0.02, "clip_rate": 2.0, "gamma_denoising": 0.9}}
+    cfg = config_from_dict(upgrade_config(old))
+    assert (cfg.ppo.clip_coef, cfg.ppo.clip_coef_final, cfg.ppo.clip_rate, cfg.ppo.denoising_gamma) == (0.01, 0.02, 2.0, 0.9)
+    gorl = config_from_dict(upgrade_config({"policy": "gorl", "gorl": {"clip_coefs": [0.1, 0.2, 0.3, 0.3], "max_grad_norms": []}}))
+    assert gorl.ppo.stage_clip_coefs == (0.1, 0.2, 0.3, 0.3) and gorl.ppo.stage_max_grad_norms == ()
+    with pytest.raises(ConfigError, match="cannot resume unchanged"):
+        upgrade_config({**old, "ppo": {"clip_vloss": True, "clip_coef": 0.2}})
+    policy = make(dtype=torch.float32)
+    policy.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    meta["config"].update(old["policy_config"])  # an export written before the move
+    (tmp_path / "config.json").write_text(json.dumps(meta))
+    loaded = load_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), policy.state_dict().values(), strict=True))

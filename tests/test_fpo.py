@@ -48,7 +48,7 @@ def test_ratio_is_exactly_one_at_unchanged_params(ratio_mode: str, loss_weightin
         lr = policy.log_ratio(obs, record)
         assert lr.shape == ((B,) if ratio_mode == "average" else (B, policy.config.n_mc))
         assert torch.equal(lr, torch.zeros_like(lr))
-    assert policy.chain_weights() is None and policy.regularizer(obs, record) is None
+    assert policy.regularizer(obs, record) is None
 
 
 def test_modes_agree_for_one_pair_and_differ_for_several() -> None:

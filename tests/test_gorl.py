@@ -8,6 +8,7 @@ for the algorithm-level tests, and one short InvertedPendulum run through the CL
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -336,11 +337,12 @@ def test_ppo_update_leaves_decoder_bitwise_unchanged() -> None:
     assert all(p not in algo.optimizer.state for p in policy.decoder_parameters())
 
 
-def make_gorl(fractions: tuple[float, ...], n_iter: int, **kw) -> GoRL:
+def make_gorl(fractions: tuple[float, ...], n_iter: int, **ppo_kw) -> GoRL:
     torch.manual_seed(0)
     policy = GoRLPolicy(OBS, ACT, tiny())
-    cfg = GoRLTrainConfig(stage_fractions=fractions, refine_steps=50, decoder_epochs=3, decoder_batch_size=16, patience=0, **kw)
-    return GoRL(policy, LinearEnv(), PPO_TINY, cfg, total_steps=n_iter * 32, seed=0, env_factory=LinearEnv)
+    cfg = GoRLTrainConfig(stage_fractions=fractions, refine_steps=50, decoder_epochs=3, decoder_batch_size=16, patience=0)
+    ppo_cfg = dataclasses.replace(PPO_TINY, **ppo_kw)
+    return GoRL(policy, LinearEnv(), ppo_cfg, cfg, total_steps=n_iter * 32, seed=0, env_factory=LinearEnv)
 
 
 @pytest.mark.parametrize(
@@ -349,12 +351,12 @@ def make_gorl(fractions: tuple[float, ...], n_iter: int, **kw) -> GoRL:
     ids=["two-stages", "three-stages"],
 )
 def test_schedule_refines_exactly_at_boundaries(fractions: tuple[float, ...], n_iter: int, bounds: list[int]) -> None:
-    algo = make_gorl(fractions, n_iter, clip_coefs=tuple(0.1 * (i + 1) for i in range(len(fractions))))
+    algo = make_gorl(fractions, n_iter, stage_clip_coefs=tuple(0.1 * (i + 1) for i in range(len(fractions))))
     policy = algo.policy
     assert algo.boundaries == bounds and algo.n_iterations == n_iter
     encoder_init = clone_state(policy.encoder)
     decoder = clone_state(policy.decoder)
-    assert algo.ppo.cfg.clip_coef == pytest.approx(0.1)
+    assert algo.ppo.clip_coef == pytest.approx(0.1)
     while algo.iteration < algo.n_iterations:
         metrics = algo.iterate()
         it, now = algo.iteration, clone_state(policy.decoder)
@@ -366,7 +368,7 @@ def test_schedule_refines_exactly_at_boundaries(fractions: tuple[float, ...], n_
             assert all(p not in algo.optimizer.state for p in policy.encoder_parameters())
             assert all(p in algo.optimizer.state for p in algo.critic.parameters())
             assert algo.stage == k and metrics["gorl/stage"] == k - 1
-            assert algo.ppo.cfg.clip_coef == pytest.approx(0.1 * (k + 1))
+            assert algo.ppo.clip_coef == pytest.approx(0.1 * (k + 1))
             assert "gorl/decoder_loss" in metrics and math.isfinite(metrics["gorl/decoder_loss"])
             assert metrics["gorl/refinement_steps"] == k * 50  # 25 steps x 2 envs per refinement
             assert all(not p.requires_grad for p in policy.decoder_parameters())
@@ -411,7 +413,7 @@ GORL_TINY = [
     "--set", "policy_config.encoder_hidden=[16, 16]", "--set", "policy_config.decoder_hidden=[16, 16]",
     "--set", "policy_config.decoder_embed_dim=8", "--set", "gorl.stage_fractions=[0.25, 0.25, 0.5]",
     "--set", "gorl.refine_steps=300", "--set", "gorl.decoder_epochs=3", "--set", "gorl.decoder_batch_size=64",
-    "--set", "gorl.clip_coefs=[0.15, 0.3, 0.3]",
+    "--set", "ppo.stage_clip_coefs=[0.15, 0.3, 0.3]",
     "--eval-episodes", "2", "--no-progress",
 ]  # fmt: skip
 
@@ -511,14 +513,25 @@ def test_bad_policy_config_raises(kwargs: dict, needle: str) -> None:
         GoRLConfig(**kwargs)
 
 
+def test_stage_schedule_must_fit_the_stages() -> None:
+    from genrl.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="stage_clip_coefs has 1 values for 4"):
+        config_from_dict({"policy": "gorl", "ppo": {"stage_clip_coefs": [0.2]}})
+    with pytest.raises(ConfigError, match="invalid ppo.stage_max_grad_norms"):
+        config_from_dict({"policy": "gorl", "ppo": {"stage_max_grad_norms": [0.5, 1.0, 1.0, -1.0]}})
+    with pytest.raises(ConfigError, match="per-stage schedule for policy 'gorl'"):
+        config_from_dict({"policy": "gaussian", "ppo": {"stage_clip_coefs": [0.2]}})
+    with pytest.raises(ConfigError, match="2 values for 3 GoRL stages"):
+        make_gorl((0.25, 0.25, 0.5), 8, stage_clip_coefs=(0.1, 0.2))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
         ({"stage_fractions": (0.5, 0.4)}, "sum to 1"),
         ({"stage_fractions": (1.5, -0.5)}, "stage_fractions"),
         ({"stage_fractions": ()}, "stage_fractions"),
-        ({"clip_coefs": (0.2,)}, "clip_coefs"),
-        ({"max_grad_norms": (0.5, 1.0, 1.0, -1.0)}, "max_grad_norms"),
         ({"refine_steps": 0}, "refine_steps"),
         ({"decoder_epochs": 0}, "decoder_epochs"),
         ({"decoder_batch_size": 0}, "decoder_batch_size"),

@@ -17,8 +17,9 @@ boundary a **refinement** phase runs:
 3. re-initialise the encoder to its initial weights and drop its Adam state (optionally the
    critic too: ``reset_critic``, which the code's per-stage fresh PPO runs effectively do).
 
-Per-stage PPO settings: ``clip_coefs`` (code: 0.15 in stage 0, 0.3 later; default: the paper's
-``ppo.clip_coef`` = 0.2 throughout) and ``max_grad_norms`` (code: 0.5, then 1.0).
+Per-stage PPO settings are PPO's schedule (``genrl.algos.ppo``): ``ppo.stage_clip_coefs`` (code:
+0.15 in stage 0, 0.3 later; default: the paper's ``ppo.clip_coef`` = 0.2 throughout) and
+``ppo.stage_max_grad_norms`` (code: 0.5, then 1.0), one value per stage; GoRL sets ``ppo.stage``.
 
 Differences from the official pipeline, by design here: one PPO object spans the whole run, so
 ``ppo.anneal_lr`` anneals over the run, not per stage; the critic is kept across stages by default;
@@ -35,7 +36,6 @@ the policy's weights and PPO's state; refinement randomness is derived from seed
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -70,10 +70,6 @@ class GoRLTrainConfig:
     """Held-out share of the refinement data (0: no validation, the last epoch's weights are kept)."""
     patience: int = 20
     """Stop after this many epochs without a better validation loss (0: never stop early)."""
-    clip_coefs: tuple[float, ...] = ()
-    """Per-stage PPO clip coefficient (empty: ``ppo.clip_coef`` everywhere; code: [0.15, 0.3, 0.3, 0.3])."""
-    max_grad_norms: tuple[float, ...] = ()
-    """Per-stage PPO gradient-norm clip (empty: ``ppo.max_grad_norm``; code: [0.5, 1.0, 1.0, 1.0])."""
     reset_encoder: bool = True
     """Re-initialise the encoder (and its Adam state) at each stage start (paper Alg. 1, line 5)."""
     reset_critic: bool = False
@@ -85,10 +81,6 @@ class GoRLTrainConfig:
             raise ConfigError(f"invalid gorl.stage_fractions = {list(fr)!r} (positive numbers)")
         if abs(sum(fr) - 1.0) > 1e-6:
             raise ConfigError(f"gorl.stage_fractions = {list(fr)!r} must sum to 1 (they sum to {sum(fr):.6g})")
-        for name in ("clip_coefs", "max_grad_norms"):
-            values = getattr(self, name)
-            if values and (len(values) != len(fr) or any(not _is_number(v) or not v > 0 for v in values)):
-                raise ConfigError(f"invalid gorl.{name} = {list(values)!r}: one positive number per stage ({len(fr)} stages) or empty")
         ints = {"refine_steps": 1, "decoder_epochs": 1, "decoder_batch_size": 1, "patience": 0}
         for name, low in ints.items():
             value = getattr(self, name)
@@ -211,15 +203,17 @@ class GoRL:
     ) -> None:
         if not isinstance(policy, GoRLPolicy):
             raise ConfigError(f"GoRL needs a GoRLPolicy (policy 'gorl'), got {type(policy).__name__}")
+        for name in ("stage_clip_coefs", "stage_max_grad_norms"):
+            values = getattr(ppo_config, name)
+            if values and len(values) != config.n_stages:
+                raise ConfigError(f"ppo.{name} has {len(values)} values for {config.n_stages} GoRL stages (one per stage, or empty)")
         self.cfg = config
-        self.base_ppo_cfg = ppo_config
         self.ppo = PPO(policy, env, ppo_config, total_steps=total_steps, seed=seed, device=device)
         self.boundaries = stage_boundaries(config.stage_fractions, self.ppo.n_iterations)
         self.seed = int(seed)
         self.env_factory = env_factory
         self.stage = 0
         self.refinement_steps = 0
-        self._apply_stage_settings()
 
     # -- what the trainer reads -----------------------------------------------------------------
     @property
@@ -258,17 +252,16 @@ class GoRL:
     def device(self) -> torch.device:
         return self.ppo.device
 
-    # -- schedule -------------------------------------------------------------------------------
-    def _apply_stage_settings(self) -> None:
-        """Point PPO at this stage's clip coefficient and gradient-norm clip."""
-        c, s = self.cfg, self.stage
-        changes = {}
-        if c.clip_coefs:
-            changes["clip_coef"] = float(c.clip_coefs[s])
-        if c.max_grad_norms:
-            changes["max_grad_norm"] = float(c.max_grad_norms[s])
-        self.ppo.cfg = dataclasses.replace(self.base_ppo_cfg, **changes) if changes else self.base_ppo_cfg
+    @property
+    def stage(self) -> int:
+        """The current stage; PPO's per-stage settings follow it."""
+        return self.ppo.stage
 
+    @stage.setter
+    def stage(self, value: int) -> None:
+        self.ppo.stage = int(value)
+
+    # -- schedule -------------------------------------------------------------------------------
     def iterate(self) -> dict[str, float]:
         """One PPO iteration on the encoder; after a stage's last iteration, the refinement phase."""
         stage = self.stage
@@ -295,12 +288,11 @@ class GoRL:
         if self.cfg.reset_critic:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed + _CRITIC_SEED * (stage + 1))
-                spec, pc = self.env.spec, self.base_ppo_cfg
+                spec, pc = self.env.spec, self.ppo.cfg
                 fresh = Critic(spec.obs_dim, tuple(pc.critic_hidden), pc.critic_activation).state_dict()
             self.critic.load_state_dict(fresh)
             for p in self.critic.parameters():
                 opt_state.pop(p, None)
-        self._apply_stage_settings()
         return stats
 
     # -- refinement -----------------------------------------------------------------------------
@@ -369,7 +361,6 @@ class GoRL:
         if stage != expected:
             raise ValueError(f"GoRL stage {stage} does not match iteration {self.ppo.iteration} (expected stage {expected})")
         self.stage, self.refinement_steps = stage, refined
-        self._apply_stage_settings()
 
 
 __all__ = ["GoRL", "GoRLTrainConfig", "stage_boundaries"]

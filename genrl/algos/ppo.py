@@ -48,6 +48,16 @@ class PPOConfig:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip_coef: float = 0.2
+    """Ratio clip; for per-step log-ratios (diffusion chains) the clip of the first (noisiest)
+    fine-tuned step (DPPO's ``clip_ploss_coef``; its gym fine-tuning uses 0.01)."""
+    clip_coef_final: float | None = None
+    """Per-step log-ratios: clip of the last (cleanest) step, reached from ``clip_coef`` by
+    DPPO's exponential schedule at ``clip_rate``; None: ``clip_coef`` at every step."""
+    clip_rate: float = 3.0
+    """Rate of that schedule (DPPO ``clip_ploss_coef_rate``)."""
+    denoising_gamma: float = 0.99
+    """Per-step log-ratios: step i of K' weighs the advantage by denoising_gamma^(K'-1-i), so later,
+    cleaner steps weigh more (DPPO ``gamma_denoising``); 1: equal weights."""
     clip_vloss: bool = False
     """Clip the value prediction around the rollout values with ``clip_coef``."""
     vf_clip_mode: str = "max"
@@ -79,6 +89,11 @@ class PPOConfig:
     critic_hidden: tuple[int, ...] = (64, 64)
     critic_activation: str = "tanh"
     adam_eps: float = 1e-5
+    stage_clip_coefs: tuple[float, ...] = ()
+    """Per-stage ``clip_coef`` for staged algorithms (GoRL: one per stage; its code: 0.15, then
+    0.3); empty: ``clip_coef`` throughout."""
+    stage_max_grad_norms: tuple[float, ...] = ()
+    """Per-stage ``max_grad_norm`` (GoRL's code: 0.5, then 1.0); empty: ``max_grad_norm`` throughout."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -89,6 +104,9 @@ class PPOConfig:
             "gamma": 0.0 <= self.gamma <= 1.0,
             "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
             "clip_coef": self.clip_coef > 0,
+            "clip_coef_final": self.clip_coef_final is None or (self.clip_coef_final > 0 and math.isfinite(self.clip_coef_final)),
+            "clip_rate": self.clip_rate > 0 and math.isfinite(self.clip_rate),
+            "denoising_gamma": 0.0 < self.denoising_gamma <= 1.0,
             "vf_coef": self.vf_coef >= 0,
             "ent_coef": math.isfinite(self.ent_coef),
             "max_grad_norm": self.max_grad_norm > 0,
@@ -102,6 +120,8 @@ class PPOConfig:
             "optimizer": self.optimizer in ("adam", "adamw"),
             "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
         }
+        for name in ("stage_clip_coefs", "stage_max_grad_norms"):
+            checks[name] = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in getattr(self, name))
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid ppo.{name} = {getattr(self, name)!r}")
@@ -109,6 +129,17 @@ class PPOConfig:
             raise ConfigError("ppo.desired_kl (KL-adaptive learning rate) needs ppo.anneal_lr = false")
         if self.weight_decay > 0 and self.optimizer == "adam":
             raise ConfigError("ppo.weight_decay needs ppo.optimizer = 'adamw' (Adam's L2 penalty is not offered)")
+
+
+def chain_schedule(n: int, gamma: float, base: float, final: float, rate: float) -> tuple[Tensor, Tensor]:
+    """DPPO's per-step weights and clips for a chain of ``n`` fine-tuned steps, float64 (n,) each:
+    gamma^(n-1-i), and base + (final - base) (e^{rate u} - 1) / (e^rate - 1) with u = i / (n - 1)
+    from the first (i = 0) to the last step ((final,) when n = 1)."""
+    weights = gamma ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    if n == 1:
+        return weights, torch.tensor([final], dtype=torch.float64)
+    u = torch.arange(n, dtype=torch.float64) / (n - 1)
+    return weights, base + (final - base) * torch.expm1(rate * u) / math.expm1(rate)
 
 
 def adaptive_lr(lr: float, kl: float, desired_kl: float, lr_min: float, lr_max: float) -> float:
@@ -173,6 +204,8 @@ class PPO:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.global_step = 0
         self.iteration = 0
+        self.stage = 0
+        """Index into ``stage_clip_coefs`` / ``stage_max_grad_norms``; a staged algorithm sets it."""
         self.next_obs = env.reset(seed=seed).to(self.device)
         self._storage: dict[str, Any] | None = None
 
@@ -244,13 +277,15 @@ class PPO:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         terms = self.policy.evaluate(obs, record, returns, regularize=cfg.ent_coef != 0, generator=self.generator)
         log_ratio = terms.log_ratio
-        chain = self.policy.chain_weights() if log_ratio.ndim > 1 else None
-        if chain is None:
-            pg_loss, stats = clipped_surrogate(log_ratio, advantages, cfg.clip_coef)
-        else:
-            weights, clip_coefs = chain
+        if not terms.chain:
+            pg_loss, stats = clipped_surrogate(log_ratio, advantages, self.clip_coef)
+        else:  # (B, K') per-step ratios of a denoising chain: DPPO's weights and clip schedule
+            final = self.clip_coef if cfg.clip_coef_final is None else cfg.clip_coef_final
+            weights, clip_coefs = chain_schedule(log_ratio.shape[-1], cfg.denoising_gamma, self.clip_coef, final, cfg.clip_rate)
+            dtype = torch.get_default_dtype()  # the schedule in float64, then the default dtype (as DPPO's buffers)
+            weights, clip_coefs = weights.to(dtype).to(log_ratio.device), clip_coefs.to(dtype).to(log_ratio.device)
             pg_loss, stats = clipped_surrogate(log_ratio, advantages, clip_coefs, weights)
-        v_loss = value_loss(self.critic(obs), returns, old_values, cfg.clip_coef if cfg.clip_vloss else None, cfg.vf_clip_mode)
+        v_loss = value_loss(self.critic(obs), returns, old_values, self.clip_coef if cfg.clip_vloss else None, cfg.vf_clip_mode)
         loss = pg_loss + cfg.vf_coef * v_loss
         stats.update(policy_loss=pg_loss.detach(), value_loss=v_loss.detach())
         if terms.regularizer is not None:
@@ -303,10 +338,10 @@ class PPO:
                         self._adapt_lr(kls[-1])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+                grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
                 finite = torch.isfinite(grad_norm)
                 if self.aux_params:  # auxiliary nets (e.g. PMOE's Q) are clipped on their own
-                    aux_norm = nn.utils.clip_grad_norm_(self.aux_params, cfg.max_grad_norm, foreach=True)
+                    aux_norm = nn.utils.clip_grad_norm_(self.aux_params, self.max_grad_norm, foreach=True)
                     finite = finite & torch.isfinite(aux_norm)
                 if not finite:
                     raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step}")
@@ -332,6 +367,16 @@ class PPO:
         out["train/n_updates"] = float(n_updates)
         out["train/early_stop"] = float(stop)
         return out
+
+    @property
+    def clip_coef(self) -> float:
+        """The ratio (and value) clip of the current stage."""
+        return float(self.cfg.stage_clip_coefs[self.stage]) if self.cfg.stage_clip_coefs else self.cfg.clip_coef
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The gradient-norm clip of the current stage."""
+        return float(self.cfg.stage_max_grad_norms[self.stage]) if self.cfg.stage_max_grad_norms else self.cfg.max_grad_norm
 
     def _adapt_lr(self, kl: float) -> None:
         cfg, group = self.cfg, self.optimizer.param_groups[0]
