@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from genrl.config import config_from_dict, load_config_file, merge
+    from genrl.config import IMAGE_ALGOS, config_from_dict, image_layout, load_config_file, merge
     from genrl.trainer import train
 
     if args.resume:
@@ -117,8 +117,10 @@ def _train(args: argparse.Namespace) -> int:
             overrides["wandb"] = True
         run = train(resume=args.resume, extend_to=args.steps, overrides=overrides)
     else:
-        data: dict[str, Any] = load_config_file(args.config) if args.config else {}
-        image = args.env == "t2i" or data.get("env") == "t2i"
+        data: dict[str, Any] = image_layout(load_config_file(args.config)) if args.config else {}
+        image = args.env == "t2i" or (args.algo or data.get("algo")) in IMAGE_ALGOS
+        if image and args.env not in (None, "t2i"):
+            raise GenrlError(f"--env {args.env} does not apply to --algo {args.algo or data.get('algo')} (text-to-image: --env t2i)")
         control_only = [k for k in ("policy", "n_envs") if image and getattr(args, k) is not None]
         image_only = [k for k in ("model", "reward", "prompts") if not image and getattr(args, k) is not None]
         if control_only or image_only:
@@ -140,7 +142,7 @@ def _train(args: argparse.Namespace) -> int:
         }
         if image:
             flags = {("env" if k == "env.env_id" else k): v for k, v in flags.items() if k not in ("policy", "env.n_envs")}
-            flags.update({"model": args.model, "reward": args.reward, "prompts": args.prompts})
+            flags.update({"t2i.model": args.model, "t2i.reward": args.reward, "t2i.prompts": args.prompts})
         over: dict[str, Any] = {}
         for key, value in flags.items():
             if value is not None:
@@ -168,8 +170,11 @@ def _train(args: argparse.Namespace) -> int:
 def _is_image_run(run: Path) -> bool:
     import json
 
+    from genrl.config import IMAGE_ALGOS
+
     try:
-        return json.loads((run / "config.json").read_text()).get("env") == "t2i"
+        data = json.loads((run / "config.json").read_text())
+        return data.get("env") == "t2i" or data.get("algo") in IMAGE_ALGOS
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -1,8 +1,11 @@
 """Typed run configuration: frozen dataclasses, strict loading from dicts, TOML and YAML.
 
-``TrainConfig(env, policy, policy_config, algo, ppo, run, gorl)`` is the single source of truth; it
-is written to ``<out>/config.json`` and read back on resume. Unknown keys are errors that
-suggest the closest valid name.
+``TrainConfig`` is the one root for every algorithm, keyed by ``algo``: the task's section (``env``
+for control, ``t2i`` for text-to-image), the policy's (``policy`` + its typed ``policy_config``),
+the algorithm's (``ppo`` [+ ``gorl``], ``grpo``, or a registered algorithm's ``algo_config``) and
+``run``. Sections another algorithm uses must stay at their defaults. It is written to
+``<out>/config.json`` (only the sections the algorithm uses) and read back on resume. Unknown keys
+are errors that suggest the closest valid name.
 """
 
 from __future__ import annotations
@@ -110,6 +113,32 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ImageTaskConfig:
+    """The ``[t2i]`` section: the text-to-image "environment" (``--algo flow-grpo | g2rpo``)."""
+
+    model: str = "digits"
+    """"digits" (the shipped digits model) or a local diffusers pipeline folder (e.g. SD3.5)."""
+    prompts: str | None = None
+    """A prompts file (one per line, or a JSON list) or a built-in set; default: the model's."""
+    reward: str = "digit"
+    """Reward spec: "digit", "digit=1,jpeg_compressibility=0.1", "clip:DIR", "module:fn" ..."""
+    dtype: str = "float32"
+    """Model weights' dtype: "float32", or "bfloat16" / "float16" for large models on a GPU
+    (latents, SDE log-probs and LoRA weights stay float32)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"invalid t2i.dtype {self.dtype!r}; valid: float32, bfloat16, float16")
+        if not self.model.strip() or not self.reward.strip():
+            raise ConfigError("t2i.model and t2i.reward must not be empty")
+
+
+#: ``run`` defaults of text-to-image runs (``total_steps`` counts scored images; ``eval_episodes``
+#: is the number of seeds per prompt in the evaluation grid)
+IMAGE_RUN_DEFAULTS = {"total_steps": 2048, "eval_episodes": 4}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     policy: str = "gaussian"
@@ -123,16 +152,38 @@ class TrainConfig:
     """GoRL's stage schedule and decoder refinement; only for ``policy = "gorl"``."""
     algo_config: dict[str, Any] = field(default_factory=dict)
     """Fields of a registered algorithm's config dataclass (``--algo`` other than ppo)."""
+    t2i: ImageTaskConfig = field(default_factory=ImageTaskConfig)
+    """The text-to-image task; only for ``algo = "flow-grpo" | "g2rpo"``."""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Flow-GRPO / G2RPO settings; only for those algorithms."""
     preset: str | None = None
     """The preset laid under this config (``genrl.presets``), recorded for reference."""
+
+    @property
+    def is_image(self) -> bool:
+        """A text-to-image run (Flow-GRPO / G2RPO), not a control run."""
+        return self.algo in IMAGE_ALGOS
+
+    def unused_sections(self) -> tuple[str, ...]:
+        """The root's fields this run's algorithm does not read (left out of ``config.json``)."""
+        if self.is_image:
+            return ("env", "policy", "policy_config", "ppo", "gorl", "algo_config")
+        return ("t2i", "grpo")
 
     def __post_init__(self) -> None:
         from genrl_policies.base import POLICY_FAMILIES
 
         if self.policy not in POLICY_FAMILIES:
             raise ConfigError(f"unknown policy '{self.policy}'; valid choices: {', '.join(sorted(POLICY_FAMILIES))}")
-        if self.algo not in control_algos():
-            raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(control_algos())}")
+        if self.algo not in control_algos() + IMAGE_ALGOS:
+            raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(control_algos() + IMAGE_ALGOS)}")
+        defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(self)}
+        for name in self.unused_sections():
+            if getattr(self, name) != defaults[name]:
+                kind = "control algorithms (--env ID)" if self.is_image else "text-to-image algorithms (--env t2i)"
+                raise ConfigError(f"[{name}] settings apply to {kind}, not --algo {self.algo}")
+        if self.is_image:
+            return
         if self.policy != "gorl" and self.gorl != GoRLTrainConfig():
             raise ConfigError(f"[gorl] settings apply only to policy 'gorl', not '{self.policy}'")
         for name in ("stage_clip_coefs", "stage_max_grad_norms"):
@@ -178,10 +229,15 @@ class TrainConfig:
         return cls(**{k: _coerce(v, getattr(defaults, k), f"algo_config.{k}", hints[k]) for k, v in self.algo_config.items()})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; ``policy_config`` resolved to every field of the family's config."""
+        """Plain data of the sections the algorithm uses; ``policy_config`` resolved to every
+        field of the family's config."""
         from genrl_policies.base import config_to_dict
 
         data = json.loads(json.dumps(dataclasses.asdict(self)))
+        for name in self.unused_sections():
+            del data[name]
+        if self.is_image:
+            return data
         data["policy_config"] = config_to_dict(self.policy_config_object())
         algo_cfg = self.algo_config_object()
         if algo_cfg is not None:
@@ -192,43 +248,15 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
 
-@dataclass(frozen=True)
-class ImageTrainConfig:
-    """A text-to-image fine-tuning run (``genrl train --env t2i``).
-
-    ``run.total_steps`` counts scored images; ``run.eval_episodes`` is the number of seeds per
-    prompt in the evaluation grid.
-    """
-
-    env: str = "t2i"
-    model: str = "digits"
-    """"digits" (the shipped digits model) or a local diffusers pipeline folder (e.g. SD3.5)."""
-    prompts: str | None = None
-    """A prompts file (one per line, or a JSON list) or a built-in set; default: the model's."""
-    reward: str = "digit"
-    """Reward spec: "digit", "digit=1,jpeg_compressibility=0.1", "clip:DIR", "module:fn" ..."""
-    algo: str = "flow-grpo"
-    dtype: str = "float32"
-    """Model weights' dtype: "float32", or "bfloat16" / "float16" for large models on a GPU
-    (latents, SDE log-probs and LoRA weights stay float32)."""
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    run: RunConfig = field(default_factory=lambda: RunConfig(total_steps=2048, eval_episodes=4))
-    preset: str | None = None
-    """The preset laid under this config (``genrl.presets``), recorded for reference."""
-
-    def __post_init__(self) -> None:
-        if self.env != "t2i":
-            raise ConfigError(f"ImageTrainConfig.env must be 't2i', got {self.env!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"invalid dtype {self.dtype!r}; valid: float32, bfloat16, float16")
-        if self.algo not in IMAGE_ALGOS:
-            raise ConfigError(f"unknown algo '{self.algo}' for --env t2i; valid choices: {', '.join(IMAGE_ALGOS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+def image_config(
+    *, algo: str = "flow-grpo", model: str = "digits", prompts: str | None = None, reward: str = "digit", dtype: str = "float32",
+    grpo: GRPOConfig | None = None, run: RunConfig | None = None, preset: str | None = None,
+) -> TrainConfig:  # fmt: skip
+    """A text-to-image ``TrainConfig`` with the image run defaults (``IMAGE_RUN_DEFAULTS``)."""
+    return TrainConfig(
+        algo=algo, t2i=ImageTaskConfig(model=model, prompts=prompts, reward=reward, dtype=dtype),
+        grpo=grpo or GRPOConfig(), run=run or RunConfig(**IMAGE_RUN_DEFAULTS), preset=preset,
+    )  # fmt: skip
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -315,13 +343,33 @@ def _coerce(value: Any, default: Any, name: str, hint: Any = None) -> Any:
     return value
 
 
-def config_from_dict(data: dict[str, Any]) -> TrainConfig | ImageTrainConfig:
-    """Build a TrainConfig (or, for ``env = "t2i"``, an ImageTrainConfig) from nested plain data,
-    rejecting unknown keys and bad types. A ``preset`` key lays that preset's values under ``data``."""
-    data = apply_preset(data)
-    if data.get("env") == "t2i":
-        return _build(ImageTrainConfig, data, "")
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from nested plain data, rejecting unknown keys and bad types. A
+    ``preset`` key lays that preset's values under ``data``; text-to-image runs get the image run
+    defaults; ``env = "t2i"`` with flat ``model`` / ``prompts`` / ``reward`` / ``dtype`` (the CLI's
+    and earlier releases' spelling) is read as the ``t2i`` section."""
+    data = apply_preset(image_layout(data))
+    if data.get("algo") in IMAGE_ALGOS:
+        data = merge({"run": IMAGE_RUN_DEFAULTS}, data)
     return _build(TrainConfig, data, "")
+
+
+_IMAGE_KEYS = ("model", "prompts", "reward", "dtype")
+
+
+def image_layout(data: dict[str, Any]) -> dict[str, Any]:
+    """``env = "t2i"`` (a text-to-image run: algo defaults to flow-grpo) with flat image keys
+    moved into the ``t2i`` section; other data unchanged."""
+    if data.get("env") != "t2i":
+        return data
+    out = {k: v for k, v in data.items() if k != "env" and k not in _IMAGE_KEYS}
+    out.setdefault("algo", "flow-grpo")
+    moved = {k: data[k] for k in _IMAGE_KEYS if k in data}
+    if moved:
+        out["t2i"] = merge(out.get("t2i", {}) if isinstance(out.get("t2i"), dict) else {}, moved)
+    if out["algo"] not in IMAGE_ALGOS:
+        raise ConfigError(f"unknown algo '{out['algo']}' for --env t2i; valid choices: {', '.join(IMAGE_ALGOS)}")
+    return out
 
 
 #: config keys renamed since the first release: old -> new, per section (runs written before still resume)
@@ -342,7 +390,7 @@ MOVED = {
 def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     """A saved run config with renamed or moved keys brought to today's names (``RENAMED``,
     ``MOVED``), so runs written by earlier releases still resume with the same settings."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in image_layout(data).items()}
     for section, names in RENAMED.items():
         if isinstance(out.get(section), dict):
             out[section] = {names.get(k, k): v for k, v in out[section].items()}
@@ -430,15 +478,18 @@ def describe_config(algo: str = "ppo", policy: str = "gaussian") -> str:
     from genrl_policies.base import resolve_family
 
     image = algo in IMAGE_ALGOS
-    root = ImageTrainConfig if image else TrainConfig
     if not image and algo not in ALGOS:
         raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(ALGOS + IMAGE_ALGOS)}")
+    root = config_from_dict({"algo": algo} if image else {"algo": algo, "policy": policy})
+    skip = set(root.unused_sections()) | ({"gorl"} if policy != "gorl" else set())
     lines = [f"# genrl config for --algo {algo}" + ("" if image else f" --policy {policy}"), "# key: type = default  (meaning)"]
 
     def walk(cls: type, prefix: str, instance: Any) -> None:
         docs = field_docs(cls)
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if not prefix and f.name in skip:
+                continue
             value = getattr(instance, f.name)
             if dataclasses.is_dataclass(value):
                 walk(type(value), f"{prefix}{f.name}.", value)
@@ -454,5 +505,5 @@ def describe_config(algo: str = "ppo", policy: str = "gaussian") -> str:
             t = getattr(hints[f.name], "__name__", str(hints[f.name]))
             lines.append(f"{prefix}{f.name}: {t} = {value!r}" + (f"  ({docs[f.name]})" if f.name in docs else ""))
 
-    walk(root, "", root())
+    walk(TrainConfig, "", root)
     return "\n".join(lines)

@@ -18,7 +18,7 @@ import torch
 
 from genrl.algos.grpo import GRPO
 from genrl.checkpoint import load_checkpoint, normal_permissions, save_checkpoint
-from genrl.config import ImageTrainConfig
+from genrl.config import TrainConfig
 from genrl.errors import CheckpointError
 from genrl.images import before_after, evaluate_grid, export_model, model_card, save_grid
 from genrl.logger import Logger
@@ -27,23 +27,23 @@ from genrl.runs import check_same_config, seed_everything
 _FILES = ("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json")
 
 
-def build_image(cfg: ImageTrainConfig, run_dir: Path | None = None) -> GRPO:
+def build_image(cfg: TrainConfig, run_dir: Path | None = None) -> GRPO:
     """Seed, load the pipeline and rewards, wrap the transformer as a policy, build the algorithm.
 
     A run folder's own copy of the prompts (``prompts.json``, written when the run started) wins
-    over ``cfg.prompts``, so an edited prompts file cannot change a resumed run.
+    over ``cfg.t2i.prompts``, so an edited prompts file cannot change a resumed run.
     """
     from genrl_envs.t2i import TextToImageEnv
     from genrl_policies.t2i import FlowImagePolicy, LoraSpec
 
     seed_everything(cfg.run.seed)
     g = cfg.grpo
-    prompts = cfg.prompts
+    prompts = cfg.t2i.prompts
     if run_dir is not None and (run_dir / "prompts.json").is_file():
         prompts = str(run_dir / "prompts.json")
     env = TextToImageEnv(
-        cfg.model, prompts=prompts, rewards=cfg.reward, resolution=g.resolution,
-        guidance_scale=g.guidance_scale, device=cfg.run.device, dtype=getattr(torch, cfg.dtype),
+        cfg.t2i.model, prompts=prompts, rewards=cfg.t2i.reward, resolution=g.resolution,
+        guidance_scale=g.guidance_scale, device=cfg.run.device, dtype=getattr(torch, cfg.t2i.dtype),
     )  # fmt: skip
     policy = FlowImagePolicy(
         env.transformer, guidance_scale=env.guidance_scale, finetune=g.finetune,
@@ -52,7 +52,7 @@ def build_image(cfg: ImageTrainConfig, run_dir: Path | None = None) -> GRPO:
     return GRPO(policy, env, g, algo=cfg.algo, seed=cfg.run.seed, total_images=cfg.run.total_steps)
 
 
-def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
+def save_image_state(algo: GRPO, cfg: TrainConfig, run_dir: Path) -> Path:
     """Checkpoint ``checkpoints/<step>/`` through the one writer (``genrl.checkpoint``): the
     trained weights in ``adapter.safetensors``, RNGs and EMA in ``trainer.safetensors``."""
     st = algo.state_dict()
@@ -64,7 +64,7 @@ def save_image_state(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path) -> Path:
     )  # fmt: skip
 
 
-def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
+def restore_image_state(algo: GRPO, cfg: TrainConfig, ckpt: Path) -> None:
     data = load_checkpoint(ckpt, files=_FILES)
     state, trainer = data["state"], data["trainer"]
     check_same_config(state.get("config"), cfg.to_dict(), ckpt)
@@ -81,14 +81,14 @@ def restore_image_state(algo: GRPO, cfg: ImageTrainConfig, ckpt: Path) -> None:
     torch.set_rng_state(trainer["torch_global"])
 
 
-def pin_paths(cfg: ImageTrainConfig) -> ImageTrainConfig:
+def pin_paths(cfg: TrainConfig) -> TrainConfig:
     """The model folder and reward files as absolute paths, so the run resumes from any folder."""
 
     def absolute(text: str) -> str:
         return str(Path(text).expanduser().resolve()) if Path(text).expanduser().exists() else text
 
     items = []
-    for item in cfg.reward.split(","):
+    for item in cfg.t2i.reward.split(","):
         head, eq, weight = item.partition("=")
         key, colon, arg = head.partition(":")
         if colon and key == "clip":
@@ -96,16 +96,16 @@ def pin_paths(cfg: ImageTrainConfig) -> ImageTrainConfig:
         elif colon and key.endswith(".py"):
             head = f"{absolute(key)}:{arg}"
         items.append(head + eq + weight)
-    model = cfg.model if cfg.model == "digits" else absolute(cfg.model)
-    return replace(cfg, model=model, reward=",".join(items))
+    model = cfg.t2i.model if cfg.t2i.model == "digits" else absolute(cfg.t2i.model)
+    return replace(cfg, t2i=replace(cfg.t2i, model=model, reward=",".join(items)))
 
 
-def train_image(cfg: ImageTrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
+def train_image(cfg: TrainConfig | None = None, *, resume: str | Path | None = None) -> Path:
     """Train (or resume) a text-to-image run and return its folder (``genrl.trainer.train``)."""
     from genrl.trainer import train
 
-    if cfg is not None and not isinstance(cfg, ImageTrainConfig):
-        raise CheckpointError("train_image() takes an ImageTrainConfig")
+    if cfg is not None and not (isinstance(cfg, TrainConfig) and cfg.is_image):
+        raise CheckpointError("train_image() takes a text-to-image TrainConfig (genrl.config.image_config)")
     return train(cfg, resume=resume)
 
 
@@ -115,7 +115,7 @@ class ImageTask:
 
     unit = "image"
 
-    def __init__(self, cfg: ImageTrainConfig, run_dir: Path, *, fresh: bool) -> None:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, *, fresh: bool) -> None:
         self.run_dir = run_dir
         self.algo = build_image(cfg, None if fresh else run_dir)  # validates model, prompts and rewards first
         self.cfg = pin_paths(cfg) if fresh else cfg
@@ -128,7 +128,7 @@ class ImageTask:
             (run_dir / "prompts.json").write_text(json.dumps(self.algo.env.prompts, indent=1))
 
     def start_message(self, run_dir: Path) -> str:
-        return f"fine-tuning {self.cfg.model} with {self.cfg.algo}, seed {self.cfg.run.seed}, into {run_dir}"
+        return f"fine-tuning {self.cfg.t2i.model} with {self.cfg.algo}, seed {self.cfg.run.seed}, into {run_dir}"
 
     def begin(self, logger: Logger) -> None:
         logger.log(evaluate_grid(self.algo, self.cfg, logger.run_dir, 0), 0)  # the "before" grid and rewards
@@ -160,7 +160,7 @@ def evaluate_run(run: str | Path, *, step: int | None = None, seeds: int = 4, pr
 
     run = Path(run)
     cfg = load_run_config(run)
-    if not isinstance(cfg, ImageTrainConfig):
+    if not cfg.is_image:
         raise CheckpointError(f"{run} is not a text-to-image run")
     ckpt = run / "checkpoints" / str(step) if step is not None else latest_checkpoint(run)
     if not ckpt.is_dir():
@@ -186,7 +186,9 @@ def load_finetuned(run_or_final: str | Path, base_model: str | Path | None = Non
     run_model = None
     if (final / "final").is_dir():
         if (final / "config.json").is_file():  # a run folder knows its base model's full path
-            run_model = json.loads((final / "config.json").read_text()).get("model")
+            from genrl.config import upgrade_config
+
+            run_model = upgrade_config(json.loads((final / "config.json").read_text())).get("t2i", {}).get("model")
         final = final / "final"
     if (final / "model_index.json").is_file():
         return load_pipeline(final)

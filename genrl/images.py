@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from genrl.config import ImageTrainConfig
+from genrl.config import TrainConfig
 
 if TYPE_CHECKING:
     from genrl.algos.grpo import GRPO
 
 
-def export_model(algo: GRPO, cfg: ImageTrainConfig, out: Path) -> Path:
+def export_model(algo: GRPO, cfg: TrainConfig, out: Path) -> Path:
     """Write the fine-tuned model so that diffusers loads it (LoRA file, or the full pipeline)."""
     out.mkdir(parents=True, exist_ok=True)
     pipe = algo.env.pipe
@@ -25,7 +25,7 @@ def export_model(algo: GRPO, cfg: ImageTrainConfig, out: Path) -> Path:
         meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
         type(pipe).save_lora_weights(str(out), transformer_lora_layers=algo.policy.adapter_state_dict(), safe_serialization=True, transformer_lora_adapter_metadata=meta)
         # the base model by name only ("digits", or the model folder's name): no path of this machine
-        base = "digits" if cfg.model == "digits" else (algo.env.model_dir.name if algo.env.model_dir is not None else None)
+        base = "digits" if cfg.t2i.model == "digits" else (algo.env.model_dir.name if algo.env.model_dir is not None else None)
         (out / "genrl_model.json").write_text(json.dumps({"base_model": base, "lora": "pytorch_lora_weights.safetensors"}, indent=2))
     else:
         pipe.save_pretrained(str(out), safe_serialization=True)
@@ -83,13 +83,13 @@ def before_after(run_dir: Path, step: int) -> Path | None:
     return path
 
 
-def model_card(cfg: ImageTrainConfig, run_dir: Path, step: int, metrics: dict[str, float]) -> Path:
+def model_card(cfg: TrainConfig, run_dir: Path, step: int, metrics: dict[str, float]) -> Path:
     """``final/README.md``: base model, algorithm, reward, budget, evaluation and a sample grid."""
     final = run_dir / "final"
     grid = run_dir / "images" / f"grid-{step}.png"
     if grid.is_file():
         shutil.copy(grid, final / "sample.png")
-    base = "digits (genrl's shipped digits model)" if cfg.model == "digits" else Path(cfg.model).name
+    base = "digits (genrl's shipped digits model)" if cfg.t2i.model == "digits" else Path(cfg.t2i.model).name
     evals = "\n".join(f"- {k}: {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("eval/"))
     kind = f"LoRA (rank {cfg.grpo.lora_rank}, alpha {cfg.grpo.lora_alpha})" if cfg.grpo.finetune == "lora" else "full fine-tuning"
     text = f"""---
@@ -100,7 +100,7 @@ tags: [genrl, {cfg.algo}, text-to-image, reinforcement-learning]
 
 # {cfg.algo} fine-tune of {base}
 
-Trained with genrl ({kind}) for {step} scored images, reward `{cfg.reward}`, seed {cfg.run.seed}.
+Trained with genrl ({kind}) for {step} scored images, reward `{cfg.t2i.reward}`, seed {cfg.run.seed}.
 Full settings: the run's `config.json`; learning curves: `curves.png` beside this folder.
 
 ## Evaluation (ODE sampling, fixed prompts and seeds)
@@ -113,7 +113,7 @@ Full settings: the run's `config.json`; learning curves: `curves.png` beside thi
     return final / "README.md"
 
 
-def evaluate_grid(algo: GRPO, cfg: ImageTrainConfig, run_dir: Path, step: int) -> dict[str, float]:
+def evaluate_grid(algo: GRPO, cfg: TrainConfig, run_dir: Path, step: int) -> dict[str, float]:
     """ODE images for the first (up to 10) prompts x ``run.eval_episodes`` fixed seeds: grid + rewards."""
     prompts = algo.env.prompts[:10]
     seeds = list(range(cfg.run.eval_episodes))

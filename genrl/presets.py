@@ -237,7 +237,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 def resolve_preset(name: str, data: dict[str, Any]) -> Preset:
     """The preset called ``name`` ("paper": the one of the run's family or algorithm), checked
     against the run's family / algorithm."""
-    image = data.get("env") == "t2i"
+    from genrl.algos.grpo import ALGOS as IMAGE_ALGOS
+
+    image = data.get("algo") in IMAGE_ALGOS
     if name == "paper":
         key = data.get("algo", "flow-grpo") if image else data.get("policy", "gaussian")
         match = [p for p in _PRESETS if (p.algo if image else p.family) == key]

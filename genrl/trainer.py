@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +39,6 @@ from genrl.runs import (
 from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.trainer.load_run_config
 from genrl_envs import make_env
 from genrl_policies.base import PolicyLoadError, load_pretrained, resolve_family
-
-if TYPE_CHECKING:
-    from genrl.config import ImageTrainConfig
 
 
 def build(cfg: TrainConfig) -> PPO:
@@ -175,7 +172,7 @@ TASKS: dict[str, str] = {
 
 
 def train(
-    cfg: TrainConfig | ImageTrainConfig | None = None, *, resume: str | Path | None = None, extend_to: int | None = None,
+    cfg: TrainConfig | None = None, *, resume: str | Path | None = None, extend_to: int | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """Train (or resume) a run and return its folder.

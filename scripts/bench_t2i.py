@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from genrl.algos.grpo import GRPOConfig  # noqa: E402
-from genrl.config import ImageTrainConfig, RunConfig  # noqa: E402
+from genrl.config import RunConfig, TrainConfig, image_config  # noqa: E402
 from genrl.image_trainer import build_image, train_image  # noqa: E402
 from genrl.logger import read_csv  # noqa: E402
 
@@ -41,9 +41,9 @@ def grpo_config(algo: str, args: argparse.Namespace) -> GRPOConfig:
     return GRPOConfig(prompts_per_iter=args.prompts, updates_per_epoch=2, **common)  # type: ignore[arg-type]
 
 
-def run_config(algo: str, seed: int, args: argparse.Namespace) -> ImageTrainConfig:
+def run_config(algo: str, seed: int, args: argparse.Namespace) -> TrainConfig:
     out = Path(args.out) / f"{algo}-s{seed}"
-    return ImageTrainConfig(
+    return image_config(
         model=args.model, reward=args.reward, algo=algo, grpo=grpo_config(algo, args),
         run=RunConfig(total_steps=args.images, seed=seed, out=str(out), eval_every=args.images // 4, eval_episodes=8, progress=False, torch_threads=args.threads),
     )  # fmt: skip

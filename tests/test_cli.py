@@ -350,3 +350,33 @@ def test_console_script(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("genrl: error:") and "Hopper-v5" in lines[0], bad.stderr
+
+
+def test_one_config_root_for_every_algorithm() -> None:
+    """TrainConfig serves control and text-to-image runs; the CLI's and earlier releases' flat
+    ``env = "t2i"`` layout reads as the ``t2i`` section; sections of another algorithm are refused."""
+    from genrl.config import IMAGE_RUN_DEFAULTS, TrainConfig, config_from_dict, describe_config, image_config, upgrade_config
+    from genrl.errors import ConfigError
+
+    flat = {"env": "t2i", "model": "digits", "reward": "digit=1", "algo": "g2rpo", "grpo": {"num_steps": 8}}
+    cfg = config_from_dict(upgrade_config(flat))
+    assert isinstance(cfg, TrainConfig) and cfg.is_image and cfg.t2i.reward == "digit=1" and cfg.grpo.n_steps == 8
+    assert cfg.run.total_steps == IMAGE_RUN_DEFAULTS["total_steps"] and cfg.run.eval_episodes == IMAGE_RUN_DEFAULTS["eval_episodes"]
+    assert cfg == image_config(algo="g2rpo", reward="digit=1", grpo=cfg.grpo)
+    assert set(cfg.to_dict()) == {"algo", "run", "t2i", "grpo", "preset"}
+    assert config_from_dict(cfg.to_dict()) == cfg  # config.json round trip
+    assert config_from_dict({"env": "t2i"}).algo == "flow-grpo"
+    control = config_from_dict({"policy": "pmoe"})
+    assert not control.is_image and "t2i" not in control.to_dict() and "grpo" not in control.to_dict()
+    for data, msg in (
+        ({"algo": "flow-grpo", "ppo": {"n_steps": 8}}, r"\[ppo\] settings apply to control"),
+        ({"algo": "flow-grpo", "policy": "pmoe"}, r"\[policy\] settings apply to control"),
+        ({"policy": "gaussian", "grpo": {"group_size": 4}}, r"\[grpo\] settings apply to text-to-image"),
+        ({"env": "t2i", "algo": "ppo"}, "unknown algo 'ppo' for --env t2i"),
+        ({"algo": "flow-grpo", "t2i": {"dtype": "int8"}}, "invalid t2i.dtype"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(data)
+    text = describe_config("g2rpo")
+    assert "t2i.model: str = 'digits'" in text and "grpo.n_steps" in text and "ppo." not in text and "policy_config" not in text
+    assert "gorl." not in describe_config("ppo", "gaussian") and "gorl.stage_fractions" in describe_config("ppo", "gorl")

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.skipif(not (DIGITS_MODEL_DIR / "model_index.json").is_f
 
 def run(algo: str, iterations: int, prompts: int) -> tuple[float, float]:
     from genrl.algos.grpo import GRPOConfig
-    from genrl.config import ImageTrainConfig, RunConfig
+    from genrl.config import RunConfig, image_config
     from genrl.image_trainer import build_image
 
-    cfg = ImageTrainConfig(
+    cfg = image_config(
         model="digits", reward="digit", algo=algo,
         grpo=GRPOConfig(prompts_per_iter=prompts, group_size=8, lora_rank=8, lora_alpha=16, learning_rate=2e-3, updates_per_epoch=2 if algo == "flow-grpo" else 1),
         run=RunConfig(total_steps=1, seed=1),
