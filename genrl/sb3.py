@@ -70,7 +70,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from genrl.algos.gorl import train_decoder
+from genrl.algos.gorl import RefinementSchedule, stage_boundaries, train_decoder
 from genrl_policies.gorl import GoRLPolicy
 
 #: seed offset per stage for the decoder's re-creation and training noise
@@ -193,16 +193,10 @@ class GoRLLatentWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # -- the slow timescale: decoder refinement + agent reset ------------------------------------------
 @dataclass(frozen=True)
-class GoRLSB3Config:
-    """Schedule and refinement settings of ``GoRLDecoderCallback`` (see the module docstring)."""
+class GoRLSB3Config(RefinementSchedule):
+    """Schedule and refinement settings of ``GoRLDecoderCallback`` (see the module docstring); the
+    stages and the decoder recipe are genrl GoRL's (``RefinementSchedule``)."""
 
-    stage_fractions: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 6, 1 / 6)
-    """Share of ``total_timesteps`` per stage; sums to 1 (paper: 60M/60M/30M/30M of 180M)."""
-    decoder_epochs: int = 50
-    decoder_batch_size: int = 1024
-    decoder_lr: float = 3e-4
-    val_fraction: float = 0.1
-    patience: int = 20
     reset_policy: bool = True
     """Reload the SB3 policy's non-critic weights from their values at ``learn`` start, clear their Adam state."""
     reset_critic: bool | None = None
@@ -212,31 +206,9 @@ class GoRLSB3Config:
     seed: int = 0
     """Base seed of the decoder's re-creation and training noise (stage k uses seed + 2000029 (k + 1))."""
 
-    def __post_init__(self) -> None:
-        fr = tuple(self.stage_fractions)
-        if not fr or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in fr):
-            raise ValueError(f"stage_fractions must be positive numbers, got {list(fr)!r}")
-        if abs(sum(fr) - 1.0) > 1e-6:
-            raise ValueError(f"stage_fractions {list(fr)!r} must sum to 1")
-        for name, low in (("decoder_epochs", 1), ("decoder_batch_size", 1), ("patience", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not (isinstance(self.decoder_lr, (int, float)) and self.decoder_lr > 0):
-            raise ValueError(f"decoder_lr must be > 0, got {self.decoder_lr!r}")
-        if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction!r}")
-
     def boundaries(self, total_timesteps: int) -> list[int]:
         """Env-step counts at which stages 1, 2, ... start: round(cumsum(fractions)[:-1] * total)."""
-        bounds, acc = [], 0.0
-        for f in self.stage_fractions[:-1]:
-            acc += f
-            bounds.append(int(math.floor(acc * total_timesteps + 0.5)))
-        edges = [0, *bounds, total_timesteps]
-        if any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ValueError(f"stage_fractions {list(self.stage_fractions)} leave a stage empty in {total_timesteps} steps")
-        return bounds
+        return stage_boundaries(self.stage_fractions, total_timesteps)
 
 
 def find_latent_wrappers(venv: Any) -> list[GoRLLatentWrapper]:

@@ -54,13 +54,12 @@ _COLLECT_SEED, _DECODER_SEED, _CRITIC_SEED = 1_000_003, 2_000_029, 3_000_017
 
 
 @dataclass(frozen=True)
-class GoRLTrainConfig:
-    """The ``[gorl]`` section: GoRL's schedule and decoder refinement (only for ``policy = "gorl"``)."""
+class RefinementSchedule:
+    """GoRL's stages and decoder-refinement recipe, shared by genrl's GoRL (``GoRLTrainConfig``)
+    and the Stable-Baselines3 callback (``genrl.sb3.GoRLSB3Config``)."""
 
     stage_fractions: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 6, 1 / 6)
     """Share of the run's env steps per stage; sums to 1 (paper: 60M/60M/30M/30M of 180M)."""
-    refine_steps: int = 50_000
-    """Env steps collected for each decoder refinement (paper: 512k of 180M; not counted in the run)."""
     decoder_epochs: int = 50
     decoder_batch_size: int = 1024
     """(s, a) samples per decoder minibatch, each expanded to ``decoder_pairs`` noise pairs
@@ -70,10 +69,6 @@ class GoRLTrainConfig:
     """Held-out share of the refinement data (0: no validation, the last epoch's weights are kept)."""
     patience: int = 20
     """Stop after this many epochs without a better validation loss (0: never stop early)."""
-    reset_encoder: bool = True
-    """Re-initialise the encoder (and its Adam state) at each stage start (paper Alg. 1, line 5)."""
-    reset_critic: bool = False
-    """Also re-initialise the critic (and its Adam state) at each stage start."""
 
     def __post_init__(self) -> None:
         fr = self.stage_fractions
@@ -83,7 +78,7 @@ class GoRLTrainConfig:
             raise ConfigError(f"gorl.stage_fractions = {list(fr)!r} must sum to 1 (they sum to {sum(fr):.6g})")
         ints = {"refine_steps": 1, "decoder_epochs": 1, "decoder_batch_size": 1, "patience": 0}
         for name, low in ints.items():
-            value = getattr(self, name)
+            value = getattr(self, name, low)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"invalid gorl.{name} = {value!r} (an integer >= {low})")
         if not (_is_number(self.decoder_lr) and self.decoder_lr > 0):
@@ -94,6 +89,18 @@ class GoRLTrainConfig:
     @property
     def n_stages(self) -> int:
         return len(self.stage_fractions)
+
+
+@dataclass(frozen=True)
+class GoRLTrainConfig(RefinementSchedule):
+    """The ``[gorl]`` section: GoRL's schedule and decoder refinement (only for ``policy = "gorl"``)."""
+
+    refine_steps: int = 50_000
+    """Env steps collected for each decoder refinement (paper: 512k of 180M; not counted in the run)."""
+    reset_encoder: bool = True
+    """Re-initialise the encoder (and its Adam state) at each stage start (paper Alg. 1, line 5)."""
+    reset_critic: bool = False
+    """Also re-initialise the critic (and its Adam state) at each stage start."""
 
 
 def _is_number(x: Any) -> bool:
@@ -363,4 +370,4 @@ class GoRL:
         self.stage, self.refinement_steps = stage, refined
 
 
-__all__ = ["GoRL", "GoRLTrainConfig", "stage_boundaries"]
+__all__ = ["GoRL", "GoRLTrainConfig", "RefinementSchedule", "stage_boundaries"]
