@@ -26,6 +26,8 @@ class EnvSpec:
     action_low: np.ndarray  # (A,)
     action_high: np.ndarray  # (A,)
     max_episode_steps: int | None = None
+    backend: str = "gymnasium"
+    """The back end stepping the worlds (``envs.make_env``)."""
 
 
 @dataclass

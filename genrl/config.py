@@ -45,8 +45,14 @@ class EnvConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of ``gymnasium.make`` (e.g. {"ctrl_cost_weight": 0.1})."""
     n_envs: int = 1
+    backend: str = "auto"
+    """Simulator back end: "gymnasium", "torch" (genrl/MultiGoal-v0, genrl/PointMaze-v0 as batched
+    torch tasks), "envpool" (C++ thread pool), "warp" (MuJoCo Warp, GPU), or "auto" ("torch" where
+    the id has a torch-native version, else "gymnasium"). Worlds of "torch" / "warp" live on
+    run.device."""
     vectorization: str = "sync"
-    """"sync" (fastest on few cores) or "async" (one subprocess per env)."""
+    """"sync" or "async": gymnasium, one subprocess per env; envpool, send/recv so the simulator
+    runs while the algorithm stores the step."""
     normalize_obs: bool = True
     normalize_reward: bool = True
     clip_obs: float = 10.0
@@ -59,6 +65,14 @@ class EnvConfig:
             raise ConfigError(f"invalid env.reward_scale = {self.reward_scale} (must be > 0)")
         if self.n_envs < 1:
             raise ConfigError(f"invalid env.n_envs = {self.n_envs} (must be >= 1)")
+        from genrl_envs import BACKENDS, EnvError, resolve_backend
+
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"invalid env.backend = {self.backend!r}; valid: {', '.join(BACKENDS)}")
+        try:  # an optional back end that is not installed is refused here, with its pip command
+            resolve_backend(self.env_id, self.backend)
+        except EnvError as exc:
+            raise ConfigError(str(exc)) from None
         if self.vectorization not in ("sync", "async"):
             raise ConfigError(f"invalid env.vectorization = {self.vectorization!r}; valid: sync, async")
         if not (self.clip_obs > 0 and self.clip_reward > 0):
@@ -394,6 +408,8 @@ def upgrade_config(data: dict[str, Any]) -> dict[str, Any]:
     for section, names in RENAMED.items():
         if isinstance(out.get(section), dict):
             out[section] = {names.get(k, k): v for k, v in out[section].items()}
+    if isinstance(out.get("env"), dict) and "backend" not in out["env"]:
+        out["env"]["backend"] = "gymnasium"  # runs written before back ends existed stepped gymnasium
     if out.get("policy") == "diffusion" and "clip_coef_base" in out.get("policy_config", {}):
         ppo = out.get("ppo", {})
         old_clip = ppo.get("clip_coef", 0.2)

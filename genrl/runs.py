@@ -143,7 +143,8 @@ def open_run(cfg: Any, resume: str | Path | None) -> tuple[Any, Path, list[Path]
 
 
 def restore_first_readable(candidates: list[Path], restore: Callable[[Path], Any], message: Callable[[str], None]) -> Any:
-    """``restore(c)`` for the newest candidate that reads; says which were skipped and why."""
+    """``restore(c)`` for the newest candidate that reads; says which were skipped and why, and
+    passes on a note ``restore`` returns (text: what the resume could not restore)."""
     errors = []
     for ckpt in candidates:
         try:
@@ -155,6 +156,8 @@ def restore_first_readable(candidates: list[Path], restore: Callable[[Path], Any
             message(f"skipped an unreadable checkpoint: {err}")
         if errors:
             message(f"resuming from the newest good checkpoint, step {ckpt.name}")
+        if isinstance(out, str):
+            message(out)
         return out
     raise CheckpointError(f"no readable checkpoint; newest error: {errors[0]}")
 

@@ -37,7 +37,7 @@ from genrl.runs import (
     write_meta,
 )  # fmt: skip
 from genrl.runs import load_run_config as load_run_config  # re-exported: genrl.trainer.load_run_config
-from genrl_envs import make_env
+from genrl_envs import make_env, resolve_backend
 from genrl_policies.base import PolicyLoadError, load_pretrained, resolve_family
 
 
@@ -48,6 +48,8 @@ def build(cfg: TrainConfig) -> PPO:
     env = make_env(
         e.env_id,
         e.n_envs,
+        backend=resolve_backend(e.env_id, e.backend),
+        device=cfg.run.device,
         vectorization=e.vectorization,
         normalize_obs=e.normalize_obs,
         normalize_reward=e.normalize_reward,
@@ -67,8 +69,8 @@ def build(cfg: TrainConfig) -> PPO:
             from genrl.algos.gorl import GoRL
 
             def refinement_env() -> Any:  # same env, fresh instance; GoRL copies the obs statistics in
-                return make_env(e.env_id, e.n_envs, vectorization=e.vectorization, normalize_obs=e.normalize_obs, normalize_reward=False,
-                                clip_obs=e.clip_obs, env_kwargs=e.env_kwargs)  # fmt: skip
+                return make_env(e.env_id, e.n_envs, backend=env.spec.backend, device=cfg.run.device, vectorization=e.vectorization,
+                                normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs, env_kwargs=e.env_kwargs)  # fmt: skip
 
             return GoRL(
                 policy, env, cfg.ppo, cfg.gorl, total_steps=cfg.run.total_steps, seed=cfg.run.seed,
@@ -146,8 +148,8 @@ def restore_state(algo: Any, cfg: TrainConfig, ckpt_dir: Path) -> None:
                 payload.setdefault(group, {})[key[len(group) + 1 :]] = value
             elif key != "rng.torch_global":
                 payload[key] = value
+        algo.env.load_state_dict(data["env"])  # first: an env without snapshots restarts its episodes
         algo.load_state_dict(payload)
-        algo.env.load_state_dict(data["env"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt_dir} does not match this run: {str(exc).splitlines()[0]}") from None
     torch.set_rng_state(t["rng.torch_global"])
@@ -263,12 +265,14 @@ class ControlTask:
         self.algo = build(cfg)
         self._restored = False
 
-    def restore(self, ckpt: Path) -> None:
+    def restore(self, ckpt: Path) -> str | None:
+        """Load ``ckpt``; returns the env's note when its back end cannot resume exactly."""
         if self._restored:  # an earlier candidate failed part-way: start again from a fresh build
             self.algo.env.close()
             self.algo = build(self.cfg)
         self._restored = True
         restore_state(self.algo, self.cfg, ckpt)
+        return getattr(self.algo.env, "resume_note", None)
 
     def prepare(self, run_dir: Path, fresh: bool) -> None:
         pass

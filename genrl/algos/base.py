@@ -41,7 +41,7 @@ class Task(Protocol):
     unit: str
     """What the budget counts, for messages: "step" or "image"."""
 
-    def restore(self, ckpt: Path) -> None:
+    def restore(self, ckpt: Path) -> str | None:
         """Load checkpoint ``ckpt`` into ``algo`` (CheckpointError if unreadable)."""
 
     def prepare(self, run_dir: Path, fresh: bool) -> None:

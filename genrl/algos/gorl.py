@@ -310,7 +310,8 @@ class GoRL:
 
         spec = self.env.spec
         norm = self.env.obs_normalizer_state() if hasattr(self.env, "obs_normalizer_state") else None
-        return make_env(spec.env_id, spec.n_envs, normalize_obs=norm is not None, normalize_reward=False)
+        device = getattr(self.env, "device", "cpu")
+        return make_env(spec.env_id, spec.n_envs, backend=spec.backend, device=str(device), normalize_obs=norm is not None, normalize_reward=False)
 
     def collect_refinement_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(obs (M, O), pre-tanh actions (M, A), stats) from >= ``refine_steps`` env steps of the

@@ -248,12 +248,15 @@ class PPO:
         names = [f.name for f in dataclasses.fields(s["record"])]
         cols: dict[str, list[Tensor]] = {k: [] for k in ("obs", "reward", "terminated", "truncated", "next_obs", *names)}
         on_cpu = self.device.type == "cpu"
+        overlap = getattr(self.env, "can_step_async", False)  # the simulator steps while the record is stored
         for _ in range(self.cfg.n_steps):
             action, record = self.policy.act(obs, generator=self.generator)
+            if overlap:
+                self.env.step_async(action)  # type: ignore[attr-defined]
             cols["obs"].append(obs)
             for name in names:
                 cols[name].append(getattr(record, name))
-            out = self.env.step(action)
+            out = self.env.step_wait() if overlap else self.env.step(action)  # type: ignore[attr-defined]
             cols["reward"].append(out.reward)
             cols["terminated"].append(out.terminated)
             cols["truncated"].append(out.truncated)
@@ -412,7 +415,8 @@ class PPO:
         self.optimizer.load_state_dict(state["optimizer"])
         # a fresh, aligned copy: a tensor read from a file may start off a 64-byte boundary, and
         # the policy's first action would then round differently (see envs.gym._aligned)
-        self.next_obs = state["next_obs"].to(self.device, copy=True)
+        restarted = getattr(self.env, "restarted_obs", None)  # a back end without snapshots restarted its episodes
+        self.next_obs = (state["next_obs"] if restarted is None else restarted).to(self.device, copy=True)
         self.generator.set_state(state["rng.generator"])
         self.global_step = int(state["global_step"])
         self.iteration = int(state["iteration"])
