@@ -36,6 +36,8 @@ def gae(
     """
     if not (rewards.shape == values.shape == next_values.shape == terminated.shape == truncated.shape):
         raise ValueError(f"gae inputs must share one (T, N) shape, got {[tuple(x.shape) for x in (rewards, values, next_values, terminated, truncated)]}")
+    if rewards.device.type != "cpu":  # batched simulators on an accelerator: stay on the device
+        return gae_torch(rewards, values, next_values, terminated, truncated, gamma, lam)
     # The recursion is sequential in T; numpy scalars-per-row beat torch op dispatch here.
     r = rewards.detach().cpu().double().numpy()
     v = values.detach().cpu().double().numpy()
@@ -50,6 +52,22 @@ def gae(
         last = delta[t] + carry[t] * last
         adv[t] = last
     advantages = torch.from_numpy(adv).to(device=rewards.device, dtype=rewards.dtype)
+    return advantages, advantages + values
+
+
+def gae_torch(rewards: Tensor, values: Tensor, next_values: Tensor, terminated: Tensor, truncated: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """``gae`` computed with torch ops on the inputs' device (float64, as the numpy path), so a
+    rollout on an accelerator never leaves it; one small op per time step."""
+    r, v, nv = rewards.double(), values.double(), next_values.double()
+    term = terminated.double()
+    delta = r + gamma * (1.0 - term) * nv - v
+    carry = gamma * lam * (1.0 - (terminated | truncated).double())
+    adv = torch.empty_like(delta)
+    last = torch.zeros_like(delta[0])
+    for t in range(delta.shape[0] - 1, -1, -1):
+        last = delta[t] + carry[t] * last
+        adv[t] = last
+    advantages = adv.to(rewards.dtype)
     return advantages, advantages + values
 
 

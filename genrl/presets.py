@@ -27,7 +27,7 @@ class Preset:
     source: str
     """Where the values come from (repository and file of the reference code, or the paper)."""
     family: str | None = None
-    """The policy family it is for (control presets), or None."""
+    """The policy family it is for (control presets), or None (with ``algo`` None: any control run)."""
     algo: str | None = None
     """The algorithm it is for (text-to-image presets), or None."""
     values: dict[str, Any] = field(default_factory=dict)
@@ -231,6 +231,31 @@ _PRESETS = (
     ),
 )
 
+_POLICYFLOW_PPO = _PRESETS[0].values["ppo"]
+
+_PRESETS += (
+    Preset(
+        "policyflow-multigoal",
+        "PolicyFlow's MultiGoal run: 4096 torch-native envs x 32 steps, w_b 0.25, w_g 0.001, lr 2e-4, [256, 128, 64] Mish",
+        "PolicyFlow scripts/multigoal (design notes, algorithms.md 3.5), arXiv 2602.01156",
+        family="policyflow",
+        values={
+            "env": {"env_id": "genrl/MultiGoal-v0", "n_envs": 4096, "backend": "torch"},
+            "ppo": {**_POLICYFLOW_PPO, "learning_rate": 2e-4, "ent_coef": 0.001, "n_steps": 32},
+            "policy_config": {"brownian_coef": 0.25, "hidden_sizes": [256, 128, 64], "activation": "mish", "embed_dim": 64, "n_steps": 10},
+        },
+    ),
+    Preset(
+        "many-envs",
+        "Brax / MuJoCo Playground-style PPO for thousands of batched envs: 4096 envs x 16 steps, 4 large minibatches, 4 epochs",
+        "Brax PPO defaults (num_minibatches, unroll_length) as MuJoCo Playground's locomotion configs use them",
+        values={
+            "env": {"n_envs": 4096},
+            "ppo": {"n_steps": 16, "n_minibatches": 4, "n_epochs": 4, "norm_adv_scope": "batch"},
+        },
+    ),
+)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 
@@ -253,6 +278,8 @@ def resolve_preset(name: str, data: dict[str, Any]) -> Preset:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown preset '{name}'{hint} valid: paper, {', '.join(PRESETS)}")
     preset = PRESETS[name]
+    if preset.family is None and preset.algo is None and image:
+        raise ConfigError(f"preset '{name}' is for control runs, not --env t2i")
     if preset.family is not None and (image or data.get("policy", "gaussian") != preset.family):
         raise ConfigError(f"preset '{name}' is for --policy {preset.family}, not {data.get('policy', 'gaussian')!r}")
     if preset.algo is not None and (not image or data.get("algo", "flow-grpo") != preset.algo):
@@ -273,7 +300,7 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def describe(preset: Preset) -> str:
     """The preset in full, one ``key = value`` per line (``genrl presets``)."""
-    target = f"--policy {preset.family}" if preset.family else f"--env t2i --algo {preset.algo}"
+    target = f"--policy {preset.family}" if preset.family else f"--env t2i --algo {preset.algo}" if preset.algo else "any control run"
     lines = [f"{preset.name}  ({target})", f"  {preset.summary}", f"  source: {preset.source}"]
     lines += [f"  {k} = {v!r}" for k, v in flatten(preset.values).items()]
     return "\n".join(lines)

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "mish": nn.Mish}
 
 
-_ACT_FN = {"tanh": torch.tanh, "relu": torch.relu, "elu": F.elu, "silu": F.silu}
+_ACT_FN = {"tanh": torch.tanh, "relu": torch.relu, "elu": F.elu, "silu": F.silu, "mish": F.mish}
 
 
 class MLP(nn.Sequential):

@@ -152,3 +152,16 @@ def test_shape_mismatch_raises(bad: str) -> None:
     args[bad] = torch.zeros(T, N + 1, dtype=args[bad].dtype)
     with pytest.raises(ValueError, match="share one"):
         gae(**args, gamma=0.99, lam=0.95)
+
+
+def test_gae_on_an_accelerator_path_equals_the_numpy_path() -> None:
+    """The torch recursion (used when the rollout lives on a GPU) gives the numpy path's values."""
+    from genrl.advantages import gae, gae_torch
+
+    g = torch.Generator().manual_seed(0)
+    T, N = 17, 5
+    r, v, nv = (torch.randn(T, N, generator=g) for _ in range(3))
+    term, trunc = torch.rand(T, N, generator=g) < 0.1, torch.rand(T, N, generator=g) < 0.1
+    a_np, ret_np = gae(r, v, nv, term, trunc, 0.99, 0.95)
+    a_t, ret_t = gae_torch(r, v, nv, term, trunc, 0.99, 0.95)
+    assert torch.equal(a_np, a_t) and torch.equal(ret_np, ret_t)

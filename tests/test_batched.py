@@ -176,3 +176,30 @@ def test_runs_of_earlier_releases_keep_the_gymnasium_backend() -> None:
 
     assert config_from_dict(upgrade_config({"env": {"env_id": MAZE}})).env.backend == "gymnasium"
     assert gym.spec(MAZE) is not None
+
+
+FAMILIES = {
+    "gaussian": {},
+    "pmoe": {"n_experts": 2, "hidden_sizes": [16, 16]},
+    "policyflow": {"hidden_sizes": [16, 16], "n_steps": 2},
+    "fpo": {"hidden_sizes": [16, 16], "n_steps": 2, "n_mc": 2},
+    "diffusion": {"hidden_sizes": [16, 16], "n_denoising_steps": 2},
+    "gorl": {"encoder_hidden": [16], "decoder_hidden": [16], "decoder_steps": 2, "decoder_pairs": 2},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_trains_on_many_torch_envs(family: str, tmp_path: Path) -> None:
+    """The many-env preset (few large minibatches) on 512 batched PointMaze worlds, GoRL included
+    (its refinement env is built on the same back end)."""
+    data = {
+        "env": {"env_id": MAZE, "n_envs": 512}, "policy": family, "policy_config": FAMILIES[family], "preset": "many-envs",
+        "run": {"total_steps": 3 * 512 * 16, "seed": 0, "out": str(tmp_path / family), "eval_episodes": 1, "progress": False},
+    }  # fmt: skip
+    if family == "gorl":
+        data["gorl"] = {"stage_fractions": [0.34, 0.66], "refine_steps": 1024, "decoder_epochs": 1, "decoder_batch_size": 256}
+    cfg = config_from_dict(data)
+    assert (cfg.env.n_envs, cfg.ppo.n_steps, cfg.ppo.n_minibatches) == (512, 16, 4)
+    run = train(cfg)
+    rows = (run / "progress.csv").read_text().splitlines()
+    assert len(rows) == 4 and "rollout/ep_return" in rows[0]

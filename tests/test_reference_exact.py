@@ -211,7 +211,7 @@ def test_every_preset_builds_the_values_the_readme_lists() -> None:
         assert {k: v for n, k, v in rows if n == name} == flatten(preset.values)  # the table is complete
     for name, key, value in rows:
         preset = PRESETS[name]
-        base = {"env": "t2i", "algo": preset.algo} if preset.algo else {"policy": preset.family}
+        base = {"env": "t2i", "algo": preset.algo} if preset.algo else {"policy": preset.family or "gaussian"}
         cfg = config_from_dict({**base, "preset": name})
         assert cfg.preset == name
         section, field = key.split(".", 1)
