@@ -90,7 +90,7 @@ def run_sb3(env_id: str, steps: int, seed: int, out: Path, eval_episodes: int) -
     model = PPO(
         "MlpPolicy", env, n_steps=s["n_steps"], batch_size=s["n_steps"] // s["n_minibatches"],
         n_epochs=s["n_epochs"], learning_rate=lambda frac: lr0 * frac, gamma=s["gamma"],
-        gae_lambda=s["gae_lambda"], clip_coef=s["clip_coef"], ent_coef=s["ent_coef"],
+        gae_lambda=s["gae_lambda"], clip_range=s["clip_coef"], ent_coef=s["ent_coef"],
         vf_coef=s["vf_coef"], max_grad_norm=s["max_grad_norm"], seed=seed, device="cpu", verbose=0,
         policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh),
     )  # fmt: skip
