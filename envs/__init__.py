@@ -75,7 +75,9 @@ def make_env(env_id: str, n_envs: int = 1, *, backend: str = "gymnasium", device
         return make_envpool_env(env_id, n_envs, asynchronous=vectorization == "async", env_kwargs=env_kwargs, **kwargs)
     from genrl_envs.warp_sim import make_warp_env
 
-    return make_warp_env(env_id, n_envs, device=device, env_kwargs=env_kwargs, **kwargs)
+    if env_kwargs:
+        raise EnvError(f"the warp back end runs gymnasium's tasks with their default arguments; env_kwargs {env_kwargs} are not supported")
+    return make_warp_env(env_id, n_envs, device=device, **kwargs)
 
 
 __all__ = ["BACKENDS", "BatchedEnv", "EnvError", "EnvSpec", "GymVectorEnv", "StepResult", "check_env_id", "make_env", "resolve_backend"]

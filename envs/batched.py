@@ -114,7 +114,8 @@ class TensorVectorEnv:
     """A ``BatchedSim`` as an ``envs.base.BatchedEnv`` (see the module docstring).
 
     Args mirror ``envs.gym.GymVectorEnv``: normalize_obs / normalize_reward (running, clipped at
-    +-clip_*), gamma (the reward normaliser's discount), reward_scale (after normalisation).
+    +-clip_*), gamma (the reward normaliser's discount), reward_scale (after normalisation);
+    asynchronous: use the sim's ``step_async`` / ``step_wait`` when it has them.
     """
 
     def __init__(
@@ -129,12 +130,14 @@ class TensorVectorEnv:
         clip_reward: float = 10.0,
         reward_scale: float = 1.0,
         epsilon: float = 1e-8,
+        asynchronous: bool = True,
     ) -> None:
         if not 0.0 <= gamma <= 1.0:
             raise EnvError(f"reward normalisation gamma must be in [0, 1], got {gamma}")
         if not (np.isfinite(reward_scale) and reward_scale > 0):
             raise EnvError(f"reward_scale must be a finite number > 0, got {reward_scale}")
         self.sim, self.backend = sim, backend
+        self._async = bool(asynchronous) and hasattr(sim, "step_async")
         dev = self.device = torch.device(sim.device)
         n = sim.n_envs
         self.spec = EnvSpec(
@@ -191,8 +194,9 @@ class TensorVectorEnv:
 
     @property
     def can_step_async(self) -> bool:
-        """The sim steps in the background (``step_async`` / ``step_wait``)."""
-        return hasattr(self.sim, "step_async")
+        """The sim steps in the background (``step_async`` / ``step_wait``): it has them and
+        ``asynchronous`` was not turned off."""
+        return self._async
 
     def step_async(self, action: Tensor) -> None:
         """Start a step and return at once (the sim works in its own threads); ``step_wait``
