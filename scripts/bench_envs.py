@@ -46,6 +46,8 @@ def raw_gymnasium(env_id: str, n: int, seconds: float) -> float:
     import gymnasium as gym
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+    import genrl_envs  # noqa: F401  registers genrl/MultiGoal-v0
+
     env = SyncVectorEnv([lambda: gym.make(env_id)] * n, autoreset_mode=AutoresetMode.SAME_STEP)
     env.reset(seed=0)
     actions = np.random.default_rng(0).uniform(-1, 1, (64, n, *env.single_action_space.shape)).astype(np.float32)
