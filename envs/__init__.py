@@ -29,15 +29,18 @@ BACKENDS = ("auto", "gymnasium", "torch", "envpool", "warp")
 _OPTIONAL = {"envpool": ("envpool", "envpool"), "warp": ("mujoco_warp", "mujoco-warp==3.17.0")}
 
 
-def resolve_backend(env_id: str, backend: str = "auto") -> str:
-    """The back end ``backend`` means for ``env_id`` ("auto" resolved); EnvError if unknown or
-    not installed (the message names the pip command)."""
+def resolve_backend(env_id: str, backend: str = "auto", *, chunked: bool = False) -> str:
+    """The back end ``backend`` means for ``env_id`` ("auto" resolved); EnvError if unknown, not
+    installed (the message names the pip command), or unable to run action chunks (``chunked``:
+    only gymnasium ends a chunk exactly at an episode's end)."""
     from genrl_envs.pointmass import TORCH_SIMS
 
     if backend not in BACKENDS:
         raise EnvError(f"unknown env backend '{backend}'; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "torch" if env_id in TORCH_SIMS else "gymnasium"
+        return "torch" if env_id in TORCH_SIMS and not chunked else "gymnasium"
+    if chunked and backend != "gymnasium":
+        raise EnvError(f"action chunks (env.horizon / n_obs_steps / n_action_steps > 1) run on the gymnasium back end, not '{backend}'")
     if backend in _OPTIONAL:
         import importlib.util
 

@@ -121,6 +121,8 @@ class GymVectorEnv:
         reward_scale: training rewards are multiplied by this after normalisation and clipping
             (Brax / GoRL's ``reward_scaling``; episode statistics stay raw).
         render_mode: e.g. "rgb_array" for video capture.
+        chunking: {"horizon", "n_obs_steps", "n_action_steps"} to decide once per action chunk on
+            stacked observations (``envs.chunking.ActionChunking`` around each sub-env).
         keep_info: keep the sub-envs' per-step info dicts (off by default: training never reads
             them, and merging them is a measurable share of the step time).
     """
@@ -140,6 +142,7 @@ class GymVectorEnv:
         render_mode: str | None = None,
         keep_info: bool = False,
         env_kwargs: dict[str, Any] | None = None,
+        chunking: dict[str, int] | None = None,
     ) -> None:
         check_env_id(env_id)
         if n_envs < 1:
@@ -150,10 +153,24 @@ class GymVectorEnv:
         if render_mode is not None:
             kwargs["render_mode"] = render_mode
 
-        def thunk() -> gym.Env:
-            return _Snapshot(_make_flat(env_id, **kwargs), keep_info)
+        chunks = {k: int(v) for k, v in (chunking or {}).items()}
+        if chunks and any(v != 1 for v in chunks.values()):
+            from genrl_envs.chunking import ActionChunking, check_chunking
 
-        probe = _make_flat(env_id, **kwargs)
+            check_chunking(chunks.get("horizon", 1), chunks.get("n_obs_steps", 1), chunks.get("n_action_steps", 1))
+
+            def make() -> gym.Env:
+                return ActionChunking(_make_flat(env_id, **kwargs), horizon=chunks.get("horizon", 1),
+                                      n_obs_steps=chunks.get("n_obs_steps", 1), n_action_steps=chunks.get("n_action_steps", 1))  # fmt: skip
+        else:
+
+            def make() -> gym.Env:
+                return _make_flat(env_id, **kwargs)
+
+        def thunk() -> gym.Env:
+            return _Snapshot(make(), keep_info)
+
+        probe = make()
         obs_space, act_space = probe.observation_space, probe.action_space
         max_steps = probe.spec.max_episode_steps if probe.spec is not None else None
         probe.close()

@@ -49,6 +49,8 @@ class _Snapshot(gym.Wrapper):
         while isinstance(env, gym.Wrapper):
             if hasattr(env, "_elapsed_steps"):
                 elapsed[str(depth)] = env._elapsed_steps
+            if hasattr(env, "wrapper_arrays"):  # a wrapper with state of its own (e.g. an observation history)
+                arrays.update({f"wrap{depth}.{k}": v for k, v in env.wrapper_arrays().items()})
             env, depth = env.env, depth + 1
         rng = base.np_random.bit_generator.state
         return {
@@ -64,6 +66,8 @@ class _Snapshot(gym.Wrapper):
         data = getattr(base, "data", None)
         for key, value in state["arrays"].items():
             kind, name = key.split(".", 1)
+            if kind.startswith("wrap"):
+                continue
             target = getattr(base, name, None) if kind == "attr" else getattr(data, name, None)
             if isinstance(target, np.ndarray) and target.shape == value.shape:
                 if target.flags.writeable:
@@ -82,6 +86,9 @@ class _Snapshot(gym.Wrapper):
                 env._elapsed_steps = meta["elapsed"][str(depth)]
             if hasattr(env, "_has_reset"):
                 env._has_reset = True
+            if hasattr(env, "load_wrapper_arrays"):
+                prefix = f"wrap{depth}."
+                env.load_wrapper_arrays({k[len(prefix) :]: v for k, v in state["arrays"].items() if k.startswith(prefix)})
             env, depth = env.env, depth + 1
 
 

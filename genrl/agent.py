@@ -57,6 +57,7 @@ class Agent:
         action_high: np.ndarray,
         step: int | None = None,
         env_kwargs: dict[str, Any] | None = None,
+        chunking: dict[str, int] | None = None,
     ) -> None:
         self.policy = policy.eval()
         self.env_id = env_id
@@ -66,6 +67,9 @@ class Agent:
         self.action_high = np.asarray(action_high, dtype=np.float32)
         self.step = step
         self.env_kwargs = dict(env_kwargs or {})
+        self.chunking = dict(chunking) if chunking else None
+        """{"horizon", "n_obs_steps", "n_action_steps"} when the policy acts on stacked
+        observations and predicts action chunks (``envs.chunking``), else None."""
         self._low, self._high = torch.from_numpy(self.action_low), torch.from_numpy(self.action_high)
 
     @property
@@ -111,9 +115,10 @@ class Agent:
             raise CheckpointError(str(exc)) from None
         arrays = data["env"]["arrays"]
         norm = {k: np.asarray(arrays[f"obs_rms.{k}"]) for k in ("mean", "var", "count")} if "obs_rms.mean" in arrays else None
-        low, high = _action_box(cfg.env.env_id, cfg.env.env_kwargs)
+        low, high = _action_box(cfg.env.env_id, cfg.env.env_kwargs, cfg.env.chunking)
         return cls(policy, env_id=cfg.env.env_id, obs_normalizer=norm, clip_obs=cfg.env.clip_obs, action_low=low,
-                   action_high=high, step=int(data["state"]["global_step"]), env_kwargs=cfg.env.env_kwargs)  # fmt: skip
+                   action_high=high, step=int(data["state"]["global_step"]), env_kwargs=cfg.env.env_kwargs,
+                   chunking=cfg.env.chunking)  # fmt: skip
 
     @classmethod
     def _load_exported(cls, path: Path, device: str) -> "Agent":
@@ -140,7 +145,7 @@ class Agent:
                 raise CheckpointError(f"unreadable {path / 'normalizer.safetensors'}: {str(exc).splitlines()[0]}") from None
         return cls(policy, env_id=meta["env_id"], obs_normalizer=norm, clip_obs=meta["clip_obs"],
                    action_low=np.array(meta["action_low"]), action_high=np.array(meta["action_high"]), step=meta.get("step"),
-                   env_kwargs=meta.get("env_kwargs"))  # fmt: skip
+                   env_kwargs=meta.get("env_kwargs"), chunking=meta.get("chunking"))  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Export this agent (policy, normaliser, bounds; no optimiser) to a folder, atomically."""
@@ -152,7 +157,7 @@ class Agent:
             "env_id": self.env_id, "env_kwargs": self.env_kwargs, "family": self.family, "step": self.step,
             "obs_dim": int(self.policy.obs_dim), "action_dim": int(self.policy.action_dim),
             "normalize_obs": self.obs_normalizer is not None, "clip_obs": self.clip_obs, "obs_epsilon": _EPS,
-            "action_low": self.action_low.tolist(), "action_high": self.action_high.tolist(),
+            "action_low": self.action_low.tolist(), "action_high": self.action_high.tolist(), "chunking": self.chunking,
         }  # fmt: skip
 
         def write(tmp: Path) -> None:
@@ -176,7 +181,8 @@ class Agent:
 
     def predict(self, obs: Any, *, deterministic: bool = True, generator: torch.Generator | None = None) -> Any:
         """Actions for raw observations: one (O,) or a batch (B, O), numpy or torch; the result
-        has the same kind and batch shape, clipped to the action box."""
+        has the same kind and batch shape, clipped to the action box. With ``chunking`` an
+        observation is the stacked history (n_obs_steps * O) and an action the flattened chunk."""
         is_torch = isinstance(obs, Tensor)
         raw = obs.detach().cpu().numpy() if is_torch else np.asarray(obs)
         if raw.dtype.kind not in "fiu":
@@ -205,15 +211,17 @@ class Agent:
         from genrl.evaluate import evaluate
 
         kwargs = self.env_kwargs if env_id in (None, self.env_id) else {}
-        env_config = EnvConfig(env_id=env_id or self.env_id, env_kwargs=kwargs, normalize_obs=self.obs_normalizer is not None, clip_obs=self.clip_obs)
+        env_config = EnvConfig(env_id=env_id or self.env_id, env_kwargs=kwargs, normalize_obs=self.obs_normalizer is not None,
+                               clip_obs=self.clip_obs, **(self.chunking or {}))  # fmt: skip
         return evaluate(self.policy, env_config, self.obs_normalizer, episodes=episodes, seed=seed,
                         deterministic=deterministic, video_path=video_path)  # fmt: skip
 
 
-def _action_box(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _action_box(env_id: str, env_kwargs: dict[str, Any] | None = None, chunking: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     from genrl_envs import make_env
 
-    env = make_env(env_id, 1, normalize_obs=False, normalize_reward=False, env_kwargs=env_kwargs)
+    extra = {"chunking": chunking} if chunking else {}
+    env = make_env(env_id, 1, normalize_obs=False, normalize_reward=False, env_kwargs=env_kwargs, **extra)
     try:
         return env.spec.action_low, env.spec.action_high
     finally:

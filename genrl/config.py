@@ -59,6 +59,18 @@ class EnvConfig:
     clip_reward: float = 10.0
     reward_scale: float = 1.0
     """Training rewards are multiplied by this after normalisation (GoRL / Brax: 10, unnormalised)."""
+    horizon: int = 1
+    """Action chunk the policy predicts per decision (Diffusion Policy's horizon); 1: one action."""
+    n_obs_steps: int = 1
+    """Observations stacked as the policy's input (oldest first)."""
+    n_action_steps: int = 1
+    """Actions of each chunk executed before the next decision (<= horizon)."""
+
+    @property
+    def chunking(self) -> dict[str, int] | None:
+        """{"horizon", "n_obs_steps", "n_action_steps"}, or None for one action per observation."""
+        c = {"horizon": self.horizon, "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps}
+        return None if set(c.values()) == {1} else c
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
@@ -70,7 +82,10 @@ class EnvConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"invalid env.backend = {self.backend!r}; valid: {', '.join(BACKENDS)}")
         try:  # an optional back end that is not installed is refused here, with its pip command
-            resolve_backend(self.env_id, self.backend)
+            from genrl_envs.chunking import check_chunking
+
+            check_chunking(self.horizon, self.n_obs_steps, self.n_action_steps)
+            resolve_backend(self.env_id, self.backend, chunked=self.chunking is not None)
         except EnvError as exc:
             raise ConfigError(str(exc)) from None
         if self.vectorization not in ("sync", "async"):

@@ -48,7 +48,7 @@ def build(cfg: TrainConfig) -> PPO:
     env = make_env(
         e.env_id,
         e.n_envs,
-        backend=resolve_backend(e.env_id, e.backend),
+        backend=resolve_backend(e.env_id, e.backend, chunked=e.chunking is not None),
         device=cfg.run.device,
         vectorization=e.vectorization,
         normalize_obs=e.normalize_obs,
@@ -58,6 +58,7 @@ def build(cfg: TrainConfig) -> PPO:
         clip_reward=e.clip_reward,
         reward_scale=e.reward_scale,
         env_kwargs=e.env_kwargs,
+        **({"chunking": e.chunking} if e.chunking else {}),
     )
     try:
         policy_cls = resolve_family(cfg.policy)
@@ -70,7 +71,8 @@ def build(cfg: TrainConfig) -> PPO:
 
             def refinement_env() -> Any:  # same env, fresh instance; GoRL copies the obs statistics in
                 return make_env(e.env_id, e.n_envs, backend=env.spec.backend, device=cfg.run.device, vectorization=e.vectorization,
-                                normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs, env_kwargs=e.env_kwargs)  # fmt: skip
+                                normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs, env_kwargs=e.env_kwargs,
+                                **({"chunking": e.chunking} if e.chunking else {}))  # fmt: skip
 
             return GoRL(
                 policy, env, cfg.ppo, cfg.gorl, total_steps=cfg.run.total_steps, seed=cfg.run.seed,
