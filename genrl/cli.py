@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-episodes", type=int, dest="eval_episodes", help="evaluation episodes (default 10; t2i: seeds per prompt, 4)")
     t.add_argument("--device", help="cpu (default) | cuda | cuda:N")
     t.add_argument("--config", help="TOML / YAML / JSON file of config fields (see `genrl config`)")
+    t.add_argument("--init-from", dest="init_from", metavar="DIR", help="start the policy from a run, checkpoint or exported agent (e.g. behaviour cloning -> PPO)")
     t.add_argument("--preset", help="a method's paper settings under your own: paper (the family's) or a name from `genrl presets`")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable, e.g. --set ppo.learning_rate=1e-4")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest readable checkpoint")
@@ -103,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     from genrl.trainer import train
 
     if args.resume:
-        fixed = ("env", "policy", "algo", "seed", "out", "n_envs", "config", "preset", "model", "reward", "prompts", "device")
+        fixed = ("env", "policy", "algo", "seed", "out", "n_envs", "config", "preset", "model", "reward", "prompts", "device", "init_from")
         given = [k for k in fixed if getattr(args, k) is not None]
         if given or args.set:
             bad = ", ".join("--" + g.replace("_", "-") for g in given) or "--set"
@@ -128,6 +129,7 @@ def _train(args: argparse.Namespace) -> int:
             raise GenrlError(f"--{bad} does not apply to {'--env t2i' if image else 'control envs'}")
         flags = {
             "preset": args.preset,
+            "init_from": args.init_from,
             "env.env_id": args.env,
             "policy": args.policy,
             "algo": args.algo,

@@ -187,6 +187,10 @@ class TrainConfig:
     """Flow-GRPO / G2RPO settings; only for those algorithms."""
     preset: str | None = None
     """The preset laid under this config (``genrl.presets``), recorded for reference."""
+    init_from: str | None = None
+    """A run, checkpoint or exported agent folder whose policy weights (and observation
+    normaliser) this run starts from, e.g. a behaviour-cloning run fine-tuned with PPO; the family
+    and dims must match. Recorded as an absolute path."""
 
     @property
     def is_image(self) -> bool:
@@ -196,7 +200,7 @@ class TrainConfig:
     def unused_sections(self) -> tuple[str, ...]:
         """The root's fields this run's algorithm does not read (left out of ``config.json``)."""
         if self.is_image:
-            return ("env", "policy", "policy_config", "ppo", "gorl", "algo_config")
+            return ("env", "policy", "policy_config", "ppo", "gorl", "algo_config", "init_from")
         return ("t2i", "grpo")
 
     def __post_init__(self) -> None:
@@ -207,6 +211,11 @@ class TrainConfig:
         if self.algo not in control_algos() + IMAGE_ALGOS:
             raise ConfigError(f"unknown algo '{self.algo}'; valid choices: {', '.join(control_algos() + IMAGE_ALGOS)}")
         defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory() for f in dataclasses.fields(self)}
+        if self.init_from is not None:
+            path = Path(self.init_from).expanduser()
+            if not path.exists():
+                raise ConfigError(f"init_from: {self.init_from} does not exist (a run, checkpoint or exported agent folder)")
+            object.__setattr__(self, "init_from", str(path.resolve()))
         for name in self.unused_sections():
             if getattr(self, name) != defaults[name]:
                 kind = "control algorithms (--env ID)" if self.is_image else "text-to-image algorithms (--env t2i)"

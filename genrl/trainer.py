@@ -63,6 +63,8 @@ def build(cfg: TrainConfig) -> PPO:
     try:
         policy_cls = resolve_family(cfg.policy)
         policy = policy_cls(env.spec.obs_dim, env.spec.action_dim, cfg.policy_config_object())
+        if cfg.init_from is not None:
+            init_policy(policy, env, cfg.init_from)
         if cfg.algo != "ppo":  # a registered algorithm (genrl.algos.base.register_control_algorithm)
             spec = CONTROL_ALGORITHMS[cfg.algo]
             return spec.build(policy, env, cfg.algo_config_object(), total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device)
@@ -82,6 +84,30 @@ def build(cfg: TrainConfig) -> PPO:
     except BaseException:
         env.close()
         raise
+
+
+def init_policy(policy: Any, env: Any, source: str) -> None:
+    """Load the policy weights of ``source`` (a run, checkpoint or exported agent) into ``policy``
+    and its observation statistics into ``env`` (they keep updating). ConfigError on a mismatch."""
+    from genrl.agent import Agent
+
+    try:
+        agent = Agent.load(source)
+    except CheckpointError as exc:
+        raise ConfigError(f"init_from: {exc}") from None
+    if agent.family != policy.family or (agent.policy.obs_dim, agent.policy.action_dim) != (policy.obs_dim, policy.action_dim):
+        raise ConfigError(
+            f"init_from: {source} holds a {agent.family} policy for obs {agent.policy.obs_dim} / action {agent.policy.action_dim}, "
+            f"this run builds a {policy.family} policy for obs {policy.obs_dim} / action {policy.action_dim}"
+        )
+    state = agent.policy.state_dict()
+    missing, unexpected = policy.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("base_net.") for k in missing):
+        raise ConfigError(f"init_from: {source}'s {agent.family} policy does not fit this run's ({(missing + unexpected)[:3]} ...)")
+    if hasattr(policy, "sync_base"):  # a fine-tuning copy whose frozen steps start from the loaded net
+        policy.sync_base()
+    if agent.obs_normalizer is not None and hasattr(env, "set_obs_normalizer"):
+        env.set_obs_normalizer(agent.obs_normalizer, frozen=False)
 
 
 def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path:
