@@ -1,4 +1,4 @@
-"""``genrl train | eval | plot``: the command line over the Python API.
+"""``genrl train | eval | plot | demos``: the command line over the Python API.
 
 Errors in the input (unknown ids, invalid values, missing or corrupt checkpoints) print one
 line on stderr and exit with status 2; no traceback (set GENRL_DEBUG=1 to see one).
@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="print every preset (each method's paper / reference-code settings) in full")
     pr.add_argument("name", nargs="?", help="only this preset")
+
+    d = sub.add_parser("demos", help="record a scripted expert's demonstrations to a .safetensors file (for behaviour cloning)",
+                       description="File format: the genrl.datasets module. Supported envs: genrl/PointMaze-v0 (left/right routes), "
+                       "OGBench cube-single-v0 and cube-single-singletask[-taskK]-v0 (pip install ogbench).")  # fmt: skip
+    d.add_argument("--env", required=True, help="env id with a scripted expert, e.g. genrl/PointMaze-v0 or cube-single-singletask-task1-v0")
+    d.add_argument("--episodes", type=int, default=100, help="episodes to record (default 100)")
+    d.add_argument("--out", required=True, help="output .safetensors path")
+    d.add_argument("--seed", type=int, default=0, help="episode i resets with seed S + i (default 0)")
+    d.add_argument("--max-steps", type=int, dest="max_steps", help="episode time limit (default: the env's)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="env keyword argument (e.g. reset_noise=0.05), or expert.KEY=VALUE for the expert (e.g. expert.p_left=0.7, expert.noise=0.1)")  # fmt: skip
+    d.add_argument("--force", action="store_true", help="overwrite an existing genrl demos file")
 
     pl = sub.add_parser("plot", help="learning curves from runs' progress.csv")
     pl.add_argument("runs", nargs="+", help="run folders")
@@ -212,6 +224,41 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demos(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from genrl.datasets import is_demos_file, save_demos
+    from genrl_envs.experts import SUPPORTED_ENVS, record_demos
+
+    if args.env not in SUPPORTED_ENVS:
+        raise GenrlError(f"no scripted expert for '{args.env}'; supported: {', '.join(SUPPORTED_ENVS)}")
+    if args.episodes < 1:
+        raise GenrlError(f"--episodes must be >= 1, got {args.episodes}")
+    out = Path(args.out)
+    if out.exists() and not is_demos_file(out):
+        raise GenrlError(f"{out} exists and is not a genrl demos file; not overwriting it")
+    if out.exists() and not args.force:
+        raise GenrlError(f"{out} exists; pass --force to overwrite it")
+    env_kwargs: dict[str, Any] = {}
+    expert: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise GenrlError(f"--set expects KEY=VALUE, got '{item}'")
+        key, value = (part.strip() for part in item.split("=", 1))
+        target, key = (expert, key[7:]) if key.startswith("expert.") else (env_kwargs, key.removeprefix("env."))
+        target[key] = _parse_value(value)
+    data = record_demos(args.env, args.episodes, seed=args.seed, env_kwargs=env_kwargs, max_steps=args.max_steps, expert_options=expert)
+    save_demos(out, data)
+    n, lengths, wins = len(data["lengths"]), data["lengths"], int(data["success"].sum())
+    line = f"wrote {out}: {n} episodes, {int(lengths.sum())} steps (length {lengths.min()}-{lengths.max()}, mean {lengths.mean():.1f}), success {wins}/{n} ({100 * wins / n:.1f}%)"
+    for key, label, name in (("route_taken", "routes taken", "{}"), ("task_id", "tasks", "task{}")):
+        counts = Counter(e[key] for e in data["meta"]["episodes"] if key in e)
+        if counts:
+            line += f"; {label}: " + ", ".join(f"{name.format(k)} {v}" for k, v in sorted(counts.items()))
+    print(line)
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     from genrl.presets import PRESETS, describe
 
@@ -240,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     from genrl.runs import Interrupted
 
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets, "config": _config}
+    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets, "config": _config, "demos": _demos}
     try:
         return handlers[args.command](args)
     except (GenrlError, ValueError, OSError, TypeError) as exc:
