@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-episodes", type=int, dest="eval_episodes", help="evaluation episodes (default 10; t2i: seeds per prompt, 4)")
     t.add_argument("--device", help="cpu (default) | cuda | cuda:N")
     t.add_argument("--config", help="TOML / YAML / JSON file of config fields (see `genrl config`)")
+    t.add_argument("--dataset", metavar="FILE", help="--algo bc: the demonstrations to clone (genrl demos --out FILE)")
     t.add_argument("--init-from", dest="init_from", metavar="DIR", help="start the policy from a run, checkpoint or exported agent (e.g. behaviour cloning -> PPO)")
     t.add_argument("--preset", help="a method's paper settings under your own: paper (the family's) or a name from `genrl presets`")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable, e.g. --set ppo.learning_rate=1e-4")
@@ -116,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
     from genrl.trainer import train
 
     if args.resume:
-        fixed = ("env", "policy", "algo", "seed", "out", "n_envs", "config", "preset", "model", "reward", "prompts", "device", "init_from")
+        fixed = ("env", "policy", "algo", "seed", "out", "n_envs", "config", "preset", "model", "reward", "prompts", "device", "init_from", "dataset")
         given = [k for k in fixed if getattr(args, k) is not None]
         if given or args.set:
             bad = ", ".join("--" + g.replace("_", "-") for g in given) or "--set"
@@ -142,6 +143,7 @@ def _train(args: argparse.Namespace) -> int:
         flags = {
             "preset": args.preset,
             "init_from": args.init_from,
+            "algo_config.dataset": args.dataset,
             "env.env_id": args.env,
             "policy": args.policy,
             "algo": args.algo,

@@ -28,7 +28,9 @@ def evaluate(
 
     The env normalises observations with the training run's statistics, frozen; rewards are
     reported unscaled. With ``video_path`` the first episode is rendered to an mp4.
-    Returns {"eval/return_mean", "eval/return_std", "eval/length_mean"}.
+    Returns {"eval/return_mean", "eval/return_std", "eval/length_mean", "eval/terminated_rate"}; the
+    last is the share of episodes that ended by termination, the success rate of goal tasks
+    (PointMaze, MultiGoal, OGBench's cube tasks end at the goal).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -47,6 +49,7 @@ def evaluate(
     device = next(policy.parameters()).device
     returns: list[float] = []
     lengths: list[int] = []
+    terminated: list[bool] = []
     frames: list[np.ndarray] = []
     obs = env.reset(seed=seed)
     was_training = policy.training
@@ -60,6 +63,8 @@ def evaluate(
                 out = env.step(action.cpu())
                 returns += out.episode_returns
                 lengths += out.episode_lengths
+                if out.episode_returns:
+                    terminated.append(bool(out.terminated[0]))
                 obs = out.obs
     finally:
         policy.train(was_training)
@@ -71,6 +76,7 @@ def evaluate(
         "eval/return_mean": float(np.mean(returns)),
         "eval/return_std": float(np.std(returns)),
         "eval/length_mean": float(np.mean(lengths[:episodes])),
+        "eval/terminated_rate": float(np.mean(terminated[:episodes])),
     }
 
 

@@ -18,6 +18,10 @@ What a PPO/GRPO loss needs from a policy, and nothing more:
   ``auxiliary_parameters()`` lists parameters that only this loss trains (clipped apart).
 * ``begin_update()``: a hook before each update's first minibatch (no-op by default).
 
+Optional, for the generative families (diffusion and flow policies): ``bc_loss(obs, actions)``,
+their denoising objective for behaviour cloning (then ``finish_bc()`` once), and ``denoiser()``,
+what test-time composition (``policies.compose``) queries. The others raise a one-line error.
+
 The trainer never branches on the family: it stores records blindly (``record_map``), and asks
 the policy for these quantities. Policies are ``torch.nn.Module``s; ``save_pretrained`` writes
 ``config.json`` + ``model.safetensors`` (no pickle), ``load_pretrained`` rebuilds any family.
@@ -152,6 +156,33 @@ class PolicyModule(nn.Module):
         Families whose ratio needs the behaviour parameters (e.g. a frozen copy of a velocity
         field) snapshot them here; the parameters are still those that produced the rollout.
         """
+
+    # -- optional: behaviour cloning and composition (generative families) ---------------------
+    def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The scalar behaviour-cloning loss on demonstrated (obs (B, O), actions (B, A)) pairs: the
+        denoising objective the family's own sampler is consistent with. Families without one
+        raise."""
+        raise ValueError(f"the {self.family} policy cannot be behaviour-cloned: it has no denoising objective")
+
+    def finish_bc(self) -> None:
+        """Called once after behaviour cloning; families holding frozen copies of a trained
+        network (DPPO's base net) refresh them here. No-op by default."""
+
+    def denoiser(self) -> Any:
+        """The family's denoiser for test-time composition (``genrl_policies.denoisers``)."""
+        raise ValueError(f"the {self.family} policy has no denoiser: only diffusion and flow policies can be composed")
+
+    def check_bc_batch(self, obs: Tensor, actions: Tensor) -> None:
+        """Raise a one-line ValueError unless obs is (B, obs_dim) and actions (B, action_dim), finite."""
+        self.check_obs(obs)
+        if not isinstance(actions, Tensor):
+            raise TypeError(f"actions must be a torch.Tensor, got {type(actions).__name__}")
+        if actions.shape != (obs.shape[0], self.action_dim):
+            raise ValueError(f"actions have shape {tuple(actions.shape)}, expected ({obs.shape[0]}, {self.action_dim}) for this {self.family} policy")
+        if obs.shape[0] == 0:
+            raise ValueError("a behaviour-cloning batch must hold at least one sample")
+        if not bool(torch.isfinite(actions).all()):
+            raise ValueError("actions contain NaN or infinite values")
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """Parameters trained only by ``auxiliary_loss`` (e.g. an auxiliary critic).

@@ -37,6 +37,9 @@ Choices (official code ``irom-lab/dppo``, ``model/diffusion/diffusion_{vpg,ppo}.
   DDPM "deterministic" keeps a random x_K and a 1e-3 std floor). It still returns a record.
 * ``regularizer`` is None: DPPO's "entropy" for DDPM is a constant (the std is fixed by the
   schedule), so it has no gradient; ent_coef is 0 in its configs.
+* Behaviour cloning (``bc_loss``) is Diffusion Policy's / DPPO's eps-matching pretraining loss;
+  ``finish_bc`` then refreshes the frozen base. ``denoiser`` exposes the network and sampler to
+  test-time composition (``policies.compose``).
 
 Shapes: B batch, O obs dim, A action dim, K denoising steps, K' fine-tuned steps (``n_ft``).
 """
@@ -51,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.denoisers import EpsDenoiser
 from genrl_policies.flow import VelocityNet
 from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI
 
@@ -157,6 +161,8 @@ class DiffusionPolicy(PolicyModule):
         std = var.clamp(min=1e-20).sqrt()  # DPPO's log-variance floor
         dtype = torch.get_default_dtype()
         buffers = {  # (K,) indexed by the step k; derived from the config, so not saved
+            "sqrt_abar": abar.sqrt(),
+            "sqrt_one_minus_abar": (1 - abar).sqrt(),
             "sqrt_recip_abar": (1 / abar).sqrt(),
             "sqrt_recipm1_abar": (1 / abar - 1).sqrt(),
             "mu_coef_x0": betas * abar_prev.sqrt() / (1 - abar),
@@ -169,11 +175,21 @@ class DiffusionPolicy(PolicyModule):
             self.register_buffer(name, value if name == "ft_steps" else value.to(dtype), persistent=False)
 
     # -- one denoising step ---------------------------------------------------------------------
-    def step_mean(self, x: Tensor, k: Tensor, obs: Tensor, *, frozen: bool = False) -> Tensor:
-        """mu_k(x_k, s): x (N, A), k (N,) long, obs (N, O) -> (N, A); ``frozen``: the base net."""
+    def predict_eps(self, x: Tensor, k: Tensor, obs: Tensor, *, frozen: bool = False) -> Tensor:
+        """eps_theta(x_k, k, s): x (N, A), k (N,) long, obs (N, O) -> (N, A); ``frozen``: the base net."""
         net = self.base_net if frozen else self.net
         assert net is not None, "no frozen base: every step is fine-tuned"
-        eps = net(x, k.to(x.dtype) / self.config.n_denoising_steps, obs)
+        return net(x, k.to(x.dtype) / self.config.n_denoising_steps, obs)
+
+    def step_mean(self, x: Tensor, k: Tensor, obs: Tensor, *, frozen: bool = False) -> Tensor:
+        """mu_k(x_k, s): x (N, A), k (N,) long, obs (N, O) -> (N, A); ``frozen``: the base net."""
+        return self.mean_from_eps(x, k, self.predict_eps(x, k, obs, frozen=frozen))
+
+    def mean_from_eps(self, x: Tensor, k: Tensor, eps: Tensor) -> Tensor:
+        """The DDPM posterior mean mu_k from a noise prediction (x_hat_0 clipped as configured).
+
+        Elementwise in the action dims, so it serves any action length (GPC's composed sampler).
+        """
         x0 = self.sqrt_recip_abar[k, None] * x - self.sqrt_recipm1_abar[k, None] * eps
         if self.config.denoised_clip is not None:
             x0 = x0.clamp(-self.config.denoised_clip, self.config.denoised_clip)
@@ -236,3 +252,62 @@ class DiffusionPolicy(PolicyModule):
     def regularizer(self, obs: Tensor, record: DiffusionRecord) -> None:
         """None: the per-step Gaussian entropy is fixed by the schedule (no gradient)."""
         return None
+
+    # -- behaviour cloning and composition ------------------------------------------------------
+    def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Diffusion Policy / DPPO pretraining loss, a scalar:
+
+            k ~ U{0, ..., K-1},  eps ~ N(0, I),  x_k = sqrt(abar_k) a + sqrt(1 - abar_k) eps,
+            loss = mean over batch and action dims of (eps_theta(x_k, k, s) - eps)^2,
+
+        the eps-matching objective of the K-step cosine schedule that ``act`` reverses. It trains
+        ``net`` at all K levels. With K' < K the first K - K' sampling steps use the frozen
+        ``base_net``, which this loss does not touch: call ``finish_bc()`` (``sync_base()``) once
+        after cloning, so the base equals the cloned network (DPPO fine-tunes from such a base).
+
+        Actions beyond +-``denoised_clip`` (or ``final_action_clip``) are refused: the sampler
+        clips there, so it could never produce them. Stochastic ``act`` keeps DPPO's per-step std
+        floor ``min_sampling_std`` on top of the cloned distribution (lower it to sample the
+        demonstrations closely); ``act(deterministic=True)`` follows the means from x_K = 0.
+        """
+        self.check_bc_batch(obs, actions)
+        cfg, (B, A), K = self.config, actions.shape, self.config.n_denoising_steps
+        clips = {name: getattr(cfg, name) for name in ("denoised_clip", "final_action_clip") if getattr(cfg, name) is not None}
+        reach = float(actions.abs().max()) if clips else 0.0
+        for name, bound in clips.items():
+            if reach > bound:
+                raise ValueError(f"actions reach {reach:.4g}, beyond {name}={bound}: normalise them or widen the clip")
+        k = torch.randint(0, K, (B,), generator=generator, device=obs.device)
+        eps = torch.randn(B, A, generator=generator, dtype=actions.dtype, device=actions.device)
+        x_k = self.sqrt_abar[k, None] * actions + self.sqrt_one_minus_abar[k, None] * eps
+        return (self.net(x_k, k.to(actions.dtype) / K, obs) - eps).square().mean()
+
+    def sync_base(self) -> None:
+        """Copy the trained network into the frozen base of the first K - K' steps (no-op if K' = K)."""
+        if self.base_net is not None:
+            self.base_net.load_state_dict(self.net.state_dict())
+
+    def finish_bc(self) -> None:
+        """After behaviour cloning: the frozen base becomes the cloned network."""
+        self.sync_base()
+
+    def denoiser(self) -> EpsDenoiser:
+        """This policy as a DDPM eps-prediction parent for test-time composition."""
+        cfg, K = self.config, self.config.n_denoising_steps
+
+        def step(k: int, x: Tensor) -> Tensor:
+            return torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+
+        settings = {name: getattr(cfg, name) for name in ("n_denoising_steps", "min_sampling_std", "noise_clamp", "denoised_clip", "final_action_clip")}
+        return EpsDenoiser(
+            family=self.family,
+            obs_dim=self.obs_dim,
+            action_dim=self.action_dim,
+            alphas_cumprod=torch.cumprod(1 - cosine_beta_schedule(K), 0),
+            predict_fn=lambda x, k, obs: self.predict_eps(x, step(k, x), obs, frozen=k >= self.n_ft),
+            mean_fn=lambda x, k, eps: self.mean_from_eps(x, step(k, x), eps),
+            sampling_std=self.sampling_std,
+            noise_clamp=cfg.noise_clamp,
+            final_action_clip=cfg.final_action_clip,
+            sampler_settings={"schedule": "cosine", **settings},
+        )

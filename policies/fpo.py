@@ -32,6 +32,8 @@ Choices (official code ``akanazawa/fpo``, ``playground/src/flow_policy/fpo.py``,
   after each step (total variance sigma^2 for a state-independent field); the official code adds
   it once to the final action. ``act(deterministic=True)`` drops it, but, like FPO's evaluation,
   still integrates from a *random* z unless ``deterministic_zero_noise`` (then z = 0).
+* Behaviour cloning (``bc_loss``) is plain conditional flow matching; ``denoiser`` exposes the
+  velocity and sampler to test-time composition (``policies.compose``).
 * No silent clamps: the only clamp is the per-pair one, a named field (None disables it); how often
   it fires is reported by ``evaluate`` as the stat ``fpo/pair_clamp_fraction``.
 
@@ -47,6 +49,7 @@ import torch
 from torch import Tensor
 
 from genrl_policies.base import PolicyModule, Terms, check_detached
+from genrl_policies.denoisers import VelocityDenoiser
 from genrl_policies.flow import VelocityNet, cfm_loss, integrate
 from genrl_policies.nets import ACTIVATIONS
 
@@ -164,6 +167,44 @@ class FPOPolicy(PolicyModule):
         else:
             t = torch.rand(B, cfg.n_mc, **kw)
         return eps, t
+
+    # -- behaviour cloning and composition ------------------------------------------------------
+    def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Conditional flow matching on the sampler's path, a scalar:
+
+            z ~ N(0, I),  t ~ U[0, 1),  x_t = (1 - t) z + t a,
+            loss = mean over batch and action dims of (v_theta(x_t, t | s) - (a - z))^2,
+
+        whose minimiser transports N(0, I) to the demonstrated actions: ``act(deterministic=True)``
+        (random z, no feather noise) then samples their distribution. The plain velocity loss
+        whatever ``loss_weighting`` says (FPO's "eps" weight t^2 is a ratio choice and would
+        starve the early steps) and, like Diffusion Policy, a mean over action dims. Stochastic
+        ``act`` adds the feather noise ``exploration_noise`` on top.
+        """
+        self.check_bc_batch(obs, actions)
+        B, A = actions.shape
+        z = torch.randn(B, A, generator=generator, dtype=actions.dtype, device=actions.device)
+        t = torch.rand(B, generator=generator, dtype=actions.dtype, device=actions.device)
+        return cfm_loss(self.velocity, actions, z, t, obs).mean() / A
+
+    def denoiser(self) -> VelocityDenoiser:
+        """This policy as a rectified-flow velocity parent for test-time composition."""
+        zero_start = self.config.deterministic_zero_noise
+
+        def start(shape: tuple[int, int], deterministic: bool, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+            z = torch.randn(shape, generator=generator, dtype=dtype, device=device)  # drawn even when replaced, as in act
+            return torch.zeros_like(z) if deterministic and zero_start else z
+
+        return VelocityDenoiser(
+            family=self.family,
+            obs_dim=self.obs_dim,
+            action_dim=self.action_dim,
+            velocity=self.velocity,
+            n_steps=self.config.n_steps,
+            method="euler",
+            start_fn=start,
+            feather_std=self.config.exploration_noise,
+        )
 
     # -- the contract ---------------------------------------------------------------------------
     def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, FPORecord]:

@@ -27,6 +27,8 @@ Choices and deviations (see design notes §3):
 * ``deterministic=True`` acts with z = 0 and n = 0, the flow map of the source mean. The paper
   deploys the stochastic policy; for multimodal tasks evaluate stochastically.
 * Only the rectified interpolation path (the paper's default); no EMA copy, no KL-adaptive LR.
+* Behaviour cloning (``bc_loss``) is conditional flow matching on the same path; ``denoiser``
+  exposes the velocity and sampler to test-time composition (``policies.compose``).
 
 Shapes: B batch, O obs dim, A action dim, K integration steps.
 """
@@ -42,7 +44,8 @@ import torch
 from torch import Tensor, nn
 
 from genrl_policies.base import PolicyModule, Terms, check_detached
-from genrl_policies.flow import METHODS, VelocityNet, integrate, time_grid
+from genrl_policies.denoisers import VelocityDenoiser
+from genrl_policies.flow import METHODS, VelocityNet, cfm_loss, integrate, time_grid
 from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the official code's clamp on log sigma
@@ -161,6 +164,47 @@ class PolicyFlowPolicy(PolicyModule):
                 noise = noise * log_std.exp()
             log_prob = diag_gaussian_log_prob(noise, torch.zeros_like(noise), log_std)
         return phi1 + noise, PolicyFlowRecord(z, phi1, noise, log_prob)
+
+    # -- behaviour cloning and composition ------------------------------------------------------
+    def bc_loss(self, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Conditional flow matching on the sampler's own path, a scalar:
+
+            z ~ N(0, I),  t ~ U[0, 1),  x_t = (1 - t) z + t a,
+            loss = mean over batch and action dims of (v_theta(x_t, t | s) - (a - z))^2,
+
+        whose minimiser transports N(0, I) to the demonstrated actions, so the flow output
+        phi_1(z; s) of ``act`` (``record.phi1``) reproduces their distribution. Only the velocity
+        is trained: sigma is an exploration device, not part of the cloned distribution, and
+        stochastic ``act`` adds n ~ N(0, sigma^2) on top (set ``sigma_init`` small, e.g. 0.01, to
+        act like the demonstrations). ``act(deterministic=True)`` maps the source mean z = 0:
+        one action per observation (a central one; for multimodal demonstrations act
+        stochastically).
+        """
+        self.check_bc_batch(obs, actions)
+        B, A = actions.shape
+        z = torch.randn(B, A, generator=generator, dtype=actions.dtype, device=actions.device)
+        t = torch.rand(B, generator=generator, dtype=actions.dtype, device=actions.device)
+        return cfm_loss(self.velocity, actions, z, t, obs).mean() / A
+
+    def denoiser(self) -> VelocityDenoiser:
+        """This policy as a rectified-flow velocity parent for test-time composition."""
+        degenerate = self.config.degenerate_to_gaussian
+
+        def start(shape: tuple[int, int], deterministic: bool, generator: torch.Generator | None, dtype: torch.dtype, device: torch.device) -> Tensor:
+            if deterministic or degenerate:
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+        return VelocityDenoiser(
+            family=self.family,
+            obs_dim=self.obs_dim,
+            action_dim=self.action_dim,
+            velocity=self.velocity,
+            n_steps=self.config.n_steps,
+            method=self.config.method,
+            start_fn=start,
+            terminal_std=self.clamped_log_std().detach().exp(),
+        )
 
     # -- the update -----------------------------------------------------------------------------
     def begin_update(self) -> None:

@@ -236,7 +236,7 @@ def test_bad_chain_shape_raises() -> None:
         dict(final_action_clip=float("inf")),
         dict(logprob_clamp=(2.0, -5.0)),
         dict(logprob_reduction="max"),
-        dict(activation="mish"),
+        dict(activation="gelu"),
         dict(embed_dim=5),
     ],
 )
