@@ -14,7 +14,8 @@ and variance, frozen into the env's normaliser, so the evaluation episodes and t
 see exactly the training inputs; actions are used as recorded (the tasks' action boxes are
 [-1, 1], the range the diffusion family's x0 clip assumes). The acting policy (``policy``: what
 evaluation, checkpoints' ``policy/`` and the export hold) is an exponential moving average of the
-trained weights (``ema_decay``; Diffusion Policy evaluates its EMA model), the trained weights are
+trained weights (Diffusion Policy's warm-up decay 1 - (1 + step)^-0.75 up to ``ema_decay``; it evaluates
+its EMA model), the trained weights are
 ``model``. ``init_from`` in a PPO run then fine-tunes the exported policy with RL (DPPO's workflow).
 """
 
@@ -50,8 +51,9 @@ class BCConfig:
     """Gradient steps per iteration (logging, evaluation and checkpoints happen between iterations)."""
     warmup_steps: int = 500
     """Linear learning-rate warm-up, then cosine decay to 0 over the run (Diffusion Policy's schedule)."""
-    ema_decay: float = 0.999
-    """The acting policy is this EMA of the trained weights; 0: the trained weights themselves."""
+    ema_decay: float = 0.9999
+    """Largest decay of the EMA of the trained weights that acts (Diffusion Policy's EMAModel: decay
+    1 - (1 + step)^-0.75, capped here); 0: the trained weights themselves act."""
     successful_only: bool = True
     """Train on the dataset's successful episodes only."""
     max_episodes: int = 0
@@ -154,9 +156,10 @@ class BC:
             loss.backward()
             self.optimizer.step()
             if cfg.ema_decay > 0:
+                decay = min(cfg.ema_decay, 1.0 - (1.0 + step) ** -0.75)  # early steps barely averaged
                 with torch.no_grad():
                     for p_ema, p in zip(self.policy.parameters(), self.model.parameters(), strict=True):
-                        p_ema.lerp_(p, 1.0 - cfg.ema_decay)
+                        p_ema.lerp_(p, 1.0 - decay)
             total += loss.detach()
         self.policy.finish_bc()  # e.g. the diffusion family's frozen base steps take the cloned weights
         check_weights(list(self.model.parameters()), f"at gradient step {self.global_step + cfg.updates_per_iter}")
