@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="env keyword argument (e.g. reset_noise=0.05), or expert.KEY=VALUE for the expert (e.g. expert.p_left=0.7, expert.noise=0.1)")  # fmt: skip
     d.add_argument("--force", action="store_true", help="overwrite an existing genrl demos file")
 
+    cp = sub.add_parser("compose", help="compose trained diffusion / flow agents at test time (GPC): search the weight on validation seeds, report on test seeds")
+    cp.add_argument("--policies", nargs="+", required=True, metavar="DIR", help="2-4 runs, checkpoints or exported agents of one env")
+    how = cp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--search", action="store_true", help="grid-search the weights on validation seeds")
+    how.add_argument("--weights", nargs="+", type=float, help="evaluate these convex weights (one per policy, summing to 1)")
+    cp.add_argument("--val-episodes", type=int, default=100, dest="val_episodes", help="validation episodes per weight (default 100)")
+    cp.add_argument("--test-episodes", type=int, default=200, dest="test_episodes", help="test episodes per policy (default 200)")
+    cp.add_argument("--grid-step", type=float, default=0.1, dest="grid_step", help="weight grid spacing (default 0.1)")
+    cp.add_argument("--deterministic", action="store_true", help="noise-free sampling (default: stochastic, as GPC samples)")
+    cp.add_argument("--out", help="folder for report.json, report.md and weights.png")
+
     pl = sub.add_parser("plot", help="learning curves from runs' progress.csv")
     pl.add_argument("runs", nargs="+", help="run folders")
     pl.add_argument("-o", "--out", default="curves.png", help="PNG path (default curves.png)")
@@ -285,11 +296,24 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compose(args: argparse.Namespace) -> int:
+    from genrl.compose import compose_main, markdown
+
+    if args.val_episodes < 1 or args.test_episodes < 1:
+        raise GenrlError("--val-episodes and --test-episodes must be >= 1")
+    report = compose_main(
+        args.policies, do_search=args.search, weights=args.weights, val_episodes=args.val_episodes, test_episodes=args.test_episodes,
+        grid_step=args.grid_step, deterministic=args.deterministic, out=args.out,
+    )  # fmt: skip
+    print(markdown(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from genrl.runs import Interrupted
 
     args = build_parser().parse_args(argv)
-    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets, "config": _config, "demos": _demos}
+    handlers = {"train": _train, "eval": _eval, "sample": _sample, "plot": _plot, "presets": _presets, "config": _config, "demos": _demos, "compose": _compose}
     try:
         return handlers[args.command](args)
     except (GenrlError, ValueError, OSError, TypeError) as exc:

@@ -303,6 +303,9 @@ def main() -> None:
     for name in chosen:
         results[name] = parts[name](args)
         (out / f"{name}.json").write_text(json.dumps(results[name], indent=2, default=str))
+    for name in parts:  # earlier invocations' parts: one results.md for everything measured in this folder
+        if name not in results and (out / f"{name}.json").is_file():
+            results[name] = json.loads((out / f"{name}.json").read_text())
     md = markdown(results)
     (out / "results.md").write_text(md)
     print(md)

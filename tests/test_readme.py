@@ -50,6 +50,14 @@ def commands(block: str) -> list[str]:
 
 def tiny_genrl(argv: list[str]) -> list[str]:
     args = list(argv)
+    if args[0] == "compose":  # few episodes, a coarse grid
+        for flag, value in (("--val-episodes", "2"), ("--test-episodes", "2")):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+        return [*args, "--grid-step", "0.5"] if "--search" in args else args
+    if args[0] == "demos" and "--episodes" in args:
+        args[args.index("--episodes") + 1] = "10"
+        return args
     if args[0] != "train":
         return args
     if "--resume" in args:
