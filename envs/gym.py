@@ -53,6 +53,8 @@ def check_env_id(env_id: str) -> None:
         return
     if env_id in gym.registry:
         return
+    if _register_ogbench() and env_id in gym.registry:  # OGBench's manipulation ids (cube-single-v0, ...)
+        return
     close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise EnvError(f"unknown env id '{env_id}'{hint} (any registered gymnasium id works)")
@@ -81,6 +83,20 @@ def _register_project_envs() -> None:
 
 
 _ROBOTICS_TRIED = False
+
+
+def _register_ogbench() -> bool:
+    """Import OGBench's manipulation suite (it registers its ids) if it is installed; only when an
+    id is not found otherwise, since the import takes a second."""
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # GLFW complains about a missing display; rendering uses EGL
+            import ogbench.manipspace  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _make_flat(env_id: str, **kwargs: Any) -> gym.Env:
