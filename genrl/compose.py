@@ -21,6 +21,7 @@ episode through the batched env API, one episode each.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -128,11 +129,8 @@ def run_episodes(agents: Sequence[Agent], weights: Sequence[float], seed: int, e
     """One episode on each of ``episodes`` parallel envs (env i seeded ``seed + i``), the
     composition acting with a sampler generator seeded ``seed``: identical seeds give identical
     episodes for every weight until their actions differ (common random numbers)."""
-    from genrl_envs import make_env
-
     a0 = agents[0]
-    extra = {"chunking": a0.chunking} if a0.chunking else {}
-    env = make_env(a0.env_id, episodes, normalize_obs=False, normalize_reward=False, env_kwargs=a0.env_kwargs, **extra)
+    env = _envs(a0.env_id, json.dumps(a0.env_kwargs, sort_keys=True), json.dumps(a0.chunking, sort_keys=True), episodes)
     policy = composed(agents, weights)
     low, high = torch.from_numpy(a0.action_low), torch.from_numpy(a0.action_high)
     gen = torch.Generator().manual_seed(seed)
@@ -140,23 +138,31 @@ def run_episodes(agents: Sequence[Agent], weights: Sequence[float], seed: int, e
     returns = np.zeros(episodes)
     running = np.zeros(episodes)
     done = np.zeros(episodes, dtype=bool)
-    try:
-        obs = env.reset(seed=seed)
-        with torch.inference_mode():
-            while not done.all():
-                action, _ = policy.act(obs, deterministic=deterministic, generator=gen)
-                out = env.step(torch.maximum(torch.minimum(action.float(), high), low))
-                reward = out.reward.numpy().astype(np.float64)
-                ended = (out.terminated | out.truncated).numpy()
-                new = ended & ~done
-                running += np.where(done, 0.0, reward)
-                success[new] = out.terminated.numpy()[new]
-                returns[new] = running[new]
-                done |= ended
-                obs = out.obs
-    finally:
-        env.close()
+    obs = env.reset(seed=seed)  # every sub-env re-seeded: the same episodes for every weight
+    with torch.inference_mode():
+        while not done.all():
+            action, _ = policy.act(obs, deterministic=deterministic, generator=gen)
+            out = env.step(torch.maximum(torch.minimum(action.float(), high), low))
+            reward = out.reward.numpy().astype(np.float64)
+            ended = (out.terminated | out.truncated).numpy()
+            new = ended & ~done
+            running += np.where(done, 0.0, reward)
+            success[new] = out.terminated.numpy()[new]
+            returns[new] = running[new]
+            done |= ended
+            obs = out.obs
     return Result(tuple(weights), success, returns)
+
+
+@functools.lru_cache(maxsize=2)
+def _envs(env_id: str, env_kwargs: str, chunking: str, n: int) -> Any:
+    """One batched env per (task, episode count), kept for every weight of a search: building
+    some tasks' envs takes seconds (OGBench compiles its scene)."""
+    from genrl_envs import make_env
+
+    chunks = json.loads(chunking)
+    extra = {"chunking": chunks} if chunks else {}
+    return make_env(env_id, n, normalize_obs=False, normalize_reward=False, env_kwargs=json.loads(env_kwargs), **extra)
 
 
 def search(evaluate_val: Callable[[Sequence[float]], Result], grid: Sequence[tuple[float, ...]]) -> tuple[tuple[float, ...], list[Result]]:
