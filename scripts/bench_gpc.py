@@ -8,7 +8,9 @@ resumes.
 
 Parents (moderate on purpose, as the paper studies): a DDPM diffusion policy and an FPO flow
 policy cloned from the same demonstrations for ``--bc-steps`` gradient steps each; the weak parent
-of the weak + strong pair gets ``--weak-steps``. Writes ``<out>/<task>/results.md``.
+of the weak + strong pair gets ``--weak-steps``. Sampling is deterministic (the noise-free DDPM path
+from x_K = 0; FPO still draws its initial noise), as Diffusion Policy evaluates with DDIM.
+Writes ``<out>/<task>/results.md``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def compose_pair(parents: list[Path], out: Path, val: int, test: int) -> dict[st
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
     return compose_main([str(p) for p in parents], do_search=True, weights=None, val_episodes=val, test_episodes=test,
-                        grid_step=0.1, deterministic=False, out=out)  # fmt: skip
+                        grid_step=0.1, deterministic=True, out=out)  # fmt: skip
 
 
 def fine_tune(task: str, parent: Path, steps: int, out: Path, test: int) -> dict[str, Any]:
@@ -85,8 +87,8 @@ def fine_tune(task: str, parent: Path, steps: int, out: Path, test: int) -> dict
             "run": {"total_steps": steps, "seed": 0, "out": str(out), "save_every": max(512, steps // 10), "eval_episodes": 30, "progress": False},
         })  # fmt: skip
         train(cfg)
-    before = run_episodes(load_parents([parent, parent]), (1.0, 0.0), TEST_SEED, test)
-    after = run_episodes(load_parents([out, out]), (1.0, 0.0), TEST_SEED, test)
+    before = run_episodes(load_parents([parent, parent]), (1.0, 0.0), TEST_SEED, test, deterministic=True)
+    after = run_episodes(load_parents([out, out]), (1.0, 0.0), TEST_SEED, test, deterministic=True)
     res = {"before": before.summary(), "after": after.summary(), "ppo_steps": steps}
     result.write_text(json.dumps(res, indent=2))
     return res
