@@ -7,6 +7,11 @@
         env.safetensors        simulator, normaliser and episode-accumulator arrays
         state.json             counters, family, algo, env meta (RNG states of the sub-envs)
 
+Tensor files hold at most ``CHUNK_BYTES`` each (``write_tensors``): a larger state (a replay
+buffer) continues in ``trainer-001.safetensors``, ``trainer-002.safetensors``, ..., a tensor
+larger than that cut into flat pieces, so writing never copies more than one chunk at a time;
+state.json's ``"tensor_chunks"`` says how to put them together again (absent: one file each).
+
 A checkpoint is first written to ``checkpoints/.tmp-<step>-<pid>/`` and renamed into place, so
 any folder whose name is a number is complete.
 """
@@ -14,6 +19,7 @@ any folder whose name is a number is complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +36,9 @@ FORMAT_VERSION = 2
 1 (read, converted on restore): PPO / GoRL keys at the top level of state.json."""
 READABLE_VERSIONS = (1, 2)
 _FILES = ("policy/config.json", "policy/model.safetensors", "trainer.safetensors", "optimizer.pt", "env.safetensors", "state.json")
+CHUNK_BYTES = 64 * 2**20
+"""Most tensor bytes one safetensors file of a checkpoint holds (safetensors copies a file's
+tensors into one buffer as it writes them)."""
 
 
 def checkpoint_steps(run_dir: str | Path) -> list[int]:
@@ -62,7 +71,8 @@ def save_checkpoint(
     """Write the checkpoint of ``step`` atomically (every algorithm uses this one writer) and
     return its folder: ``trainer.safetensors``, ``optimizer.pt``, ``state.json``, plus
     ``policy/`` (a module with ``save_pretrained``), ``env.safetensors`` (an env's
-    ``state_dict()``) and ``<name>.safetensors`` for each of ``tensor_files`` when given."""
+    ``state_dict()``) and ``<name>.safetensors`` for each of ``tensor_files`` when given; tensor
+    files beyond ``CHUNK_BYTES`` continue in ``<name>-001.safetensors``, ... (module docstring)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{step}-{os.getpid()}"
@@ -73,9 +83,13 @@ def save_checkpoint(
         meta = dict(state, format_version=FORMAT_VERSION)
         if policy is not None:
             policy.save_pretrained(tmp / "policy")
-        for name, tensors in (tensor_files or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
+        chunks: dict[str, Any] = {}
+        for name, tensors in {**(tensor_files or {}), "trainer": trainer_tensors}.items():
+            layout = write_tensors(tensors, tmp, name)
+            if layout is not None:
+                chunks[name] = layout
+        if chunks:
+            meta["tensor_chunks"] = chunks
         torch.save(optimizer_state, tmp / "optimizer.pt")
         if env_state is not None:
             env_arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in env_state["arrays"].items()}
@@ -87,6 +101,67 @@ def save_checkpoint(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], folder: Path, name: str, limit: int | None = None) -> dict[str, Any] | None:
+    """Write ``tensors`` as ``<name>.safetensors`` and, beyond ``limit`` bytes, ``<name>-001``,
+    ``<name>-002``, ... (in key order, each file up to ``limit`` bytes); a tensor larger than
+    ``limit`` is cut into flat pieces ``KEY@OFFSET`` (a non-contiguous one is copied first).
+    Returns None when one file holds everything as it is, else {"files": n, "split": {key: shape}}
+    for ``read_tensors_chunked``. On CUDA only one file's tensors are in host memory at a time.
+    ``limit``: default ``CHUNK_BYTES``."""
+    limit = CHUNK_BYTES if limit is None else limit
+    files: list[dict[str, torch.Tensor]] = [{}]
+    split: dict[str, list[int]] = {}
+    used = 0
+    for key, value in tensors.items():
+        value = value.detach()
+        nbytes = value.numel() * value.element_size()
+        pieces = [(key, value)]
+        if nbytes > limit:
+            flat, step = value.contiguous().reshape(-1), max(1, limit // value.element_size())
+            split[key] = list(value.shape)
+            pieces = [(f"{key}@{start}", flat[start : start + step]) for start in range(0, flat.numel(), step)]
+        for piece_key, piece in pieces:
+            size = piece.numel() * piece.element_size()
+            if files[-1] and used + size > limit:
+                files.append({})
+                used = 0
+            files[-1][piece_key] = piece
+            used += size
+    for i, group in enumerate(files):
+        save_file({k: v.contiguous().cpu() for k, v in group.items()}, str(folder / f"{_chunk_name(name, i)}.safetensors"))
+    return None if len(files) == 1 and not split else {"files": len(files), "split": split}
+
+
+def read_tensors_chunked(folder: Path, name: str, layout: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors ``write_tensors`` wrote as ``layout``, each cut tensor put together in a fresh
+    tensor (one file's pieces in memory at a time); CheckpointError if a file or piece is missing."""
+    split = {k: tuple(int(d) for d in shape) for k, shape in layout.get("split", {}).items()}
+    out: dict[str, torch.Tensor] = {}
+    filled = dict.fromkeys(split, 0)
+    for i in range(int(layout.get("files", 1))):
+        file = folder / f"{_chunk_name(name, i)}.safetensors"
+        if not file.is_file():
+            raise CheckpointError(f"{folder} is not a complete genrl checkpoint (missing {file.name})")
+        for key, piece in read_tensors(file).items():
+            base, _, offset = key.rpartition("@")
+            if base not in split:
+                out[key] = piece
+                continue
+            if base not in out:
+                out[base] = torch.empty(split[base], dtype=piece.dtype)
+            start = int(offset)
+            out[base].view(-1)[start : start + piece.numel()].copy_(piece)
+            filled[base] += piece.numel()
+    short = [k for k, shape in split.items() if filled[k] != math.prod(shape)]
+    if short:
+        raise CheckpointError(f"corrupt {folder / name}.safetensors chunks: tensor '{short[0]}' is incomplete")
+    return out
+
+
+def _chunk_name(name: str, index: int) -> str:
+    return name if index == 0 else f"{name}-{index:03d}"
 
 
 def normal_permissions(folder: Path) -> None:
@@ -174,13 +249,19 @@ def load_checkpoint(path: str | Path, *, optimizer: bool = True, files: tuple[st
     state = read_state_json(path)
     if state.get("format_version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path} has checkpoint format {state.get('format_version')}, this genrl reads {', '.join(map(str, READABLE_VERSIONS))}")
-    trainer = read_tensors(path / "trainer.safetensors")
+    chunks = state.pop("tensor_chunks", {})
+    trainer = read_tensors_chunked(path, "trainer", chunks["trainer"]) if "trainer" in chunks else read_tensors(path / "trainer.safetensors")
     shapes = state.pop("env_shapes", {})
     env = None
     if (path / "env.safetensors").is_file():
         env_arrays = {k: v.numpy().reshape(shapes.get(k, v.shape)) for k, v in read_tensors(path / "env.safetensors").items()}
         env = {"arrays": env_arrays, "meta": state.pop("env_meta", None)}
-    others = {f.stem: read_tensors(f) for f in sorted(path.glob("*.safetensors")) if f.stem not in ("trainer", "env")}
+    parts = {_chunk_name(n, i) for n, layout in chunks.items() for i in range(1, int(layout.get("files", 1)))}
+    others = {
+        f.stem: read_tensors_chunked(path, f.stem, chunks[f.stem]) if f.stem in chunks else read_tensors(f)
+        for f in sorted(path.glob("*.safetensors"))
+        if f.stem not in ("trainer", "env") and f.stem not in parts
+    }
     return {
         "trainer": trainer,
         "optimizer": read_optimizer(path / "optimizer.pt") if optimizer else None,

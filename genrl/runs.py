@@ -277,6 +277,12 @@ def check_same_config(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: P
     from genrl.presets import flatten
 
     saved = upgrade_config(saved)
+    try:  # fields added since the checkpoint was written take their defaults on both sides
+        from genrl.config import config_from_dict
+
+        saved = config_from_dict(saved).to_dict()
+    except Exception:  # noqa: BLE001  an unparsable saved config is compared as written
+        pass
     free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads")}
     a, b = flatten(saved), flatten(now)
     changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))

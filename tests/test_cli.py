@@ -193,7 +193,7 @@ BASE = ["--algo", "ppo", "--steps", "512", "--seed", "0", "--no-progress"]
 BAD_TRAIN = {
     "unknown-env": (["--env", "Hoper-v5", "--policy", "gaussian"], ["Hoper-v5", "Hopper-v5"]),
     "unknown-policy": (["--env", "InvertedPendulum-v5", "--policy", "gausian"], ["gausian", "gaussian", "pmoe"]),
-    "unknown-algo": (["--env", "InvertedPendulum-v5", "--policy", "gaussian", "--algo", "sac"], ["sac", "ppo"]),
+    "unknown-algo": (["--env", "InvertedPendulum-v5", "--policy", "gaussian", "--algo", "td3"], ["td3", "ppo"]),
     "negative-steps": (["--env", "InvertedPendulum-v5", "--policy", "gaussian", "--steps", "-5"], ["total_steps", "-5"]),
     "negative-clip": (["--env", "InvertedPendulum-v5", "--set", "ppo.clip_coef=-1"], ["clip_coef", "-1"]),
     "gamma-above-1": (["--env", "InvertedPendulum-v5", "--set", "ppo.gamma=2"], ["gamma", "2"]),

@@ -43,3 +43,16 @@ def test_init_from_refuses_what_does_not_fit(tmp_path: Path) -> None:
         cfg(tmp_path / "y", init_from=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="init_from: .* is not a genrl run"):
         build(cfg(tmp_path / "z", init_from=str(tmp_path)))
+
+
+def test_runs_written_before_a_config_field_existed_still_resume(tmp_path: Path) -> None:
+    """A field added since (here policy_config.squash) takes its default on both sides."""
+    import json
+
+    run = train(cfg(tmp_path / "old"))
+    for f in [run / "config.json", *(run / "checkpoints").glob("*/state.json")]:
+        data = json.loads(f.read_text())
+        target = data if f.name == "config.json" else data["config"]
+        del target["policy_config"]["squash"]
+        f.write_text(json.dumps(data))
+    assert (train(resume=run, extend_to=256) / "checkpoints" / "256").is_dir()

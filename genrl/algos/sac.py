@@ -1,0 +1,433 @@
+"""SAC: Soft Actor-Critic (Haarnoja et al., 2018, arXiv:1801.01290, 1812.05905) with the
+tanh-squashed Gaussian actor, through genrl's run loop (``--algo sac``).
+
+Shape legend: N envs, O obs dim, A action dim, B batch, R buffer rows (one per env step, N
+transitions each), n the return horizon (``n_step``).
+
+Each env step stores N transitions (obs, action, reward, next obs, terminated) in a replay buffer
+preallocated on the device; the next obs is the true last observation where an episode ended
+(``final_obs``), so a time limit bootstraps and a termination does not. Actions are uniform in
+the action box before ``learning_starts``, the policy's samples after; from then on
+``utd_ratio`` gradient steps run per transition, each on a batch drawn uniformly (with
+replacement, by index, with the algorithm's generator):
+
+    critic       y = R_n + gamma^n (1 - terminated) (min_j Qbar_j(s', a') - alpha log pi(a'|s')), a' ~ pi(.|s')
+                 L_Q = sum_j mean (Q_j(s, a) - y)^2
+    actor        every ``policy_frequency``-th step, that many times (CleanRL's delayed update):
+                 L_pi = mean(alpha log pi(a~|s) - min_j Q_j(s, a~)),  a~ = policy.rsample(s)
+    temperature  after each actor step ("auto"): L_alpha = -mean(log alpha (log pi(a~|s) + H_target))
+    targets      every ``target_network_frequency``-th step: Qbar <- Qbar + tau (Q - Qbar)
+
+One iteration is ``steps_per_iter`` env steps, so the run loop logs, evaluates and checkpoints
+between iterations; a checkpoint holds the buffer, and resuming any checkpoint reproduces the
+uninterrupted run bit for bit on CPU.
+
+The actor is the gaussian family with ``squash = "tanh"`` and ``state_dependent_std = true``:
+SAC sets both when the run's ``policy_config`` leaves them at the family's PPO defaults (the
+policy's own ``config.json`` records them; the run's records what was asked) and stores the
+env's action box in the policy, so an exported agent acts in the box on its own. Its size and
+activation are the family's (``policy_config.hidden_sizes``, ``activation``; the references use
+[256, 256] ReLU). Log-probs are those of the squashed action in [-1, 1]^A (SB3's convention:
+the target entropy -A does not depend on the box's units).
+
+Where CleanRL and SB3 differ, genrl takes: CleanRL's learning rates, learning start and delayed
+actor (``SACConfig``), its critic loss (SB3 halves it); SB3's log sigma clamp [-20, 2] (CleanRL
+rescales a tanh to [-5, 2]) and its temperature loss in log alpha with the actor step's own
+log-prob (CleanRL: alpha times a fresh sample's).
+
+SAC stores what the env gives: genrl's env defaults normalise observations and rewards with
+running statistics, so stored transitions carry the statistics of their time. The reference
+implementations (CleanRL, SB3) do not normalise: ``--set env.normalize_obs=false --set
+env.normalize_reward=false``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genrl.algos.base import register_control_algorithm
+from genrl.errors import ConfigError, NonFiniteLossError, check_weights
+from genrl_envs.base import BatchedEnv
+from genrl_policies.base import PolicyModule
+from genrl_policies.gaussian import GaussianPolicy
+from genrl_policies.nets import ACTIVATIONS, mlp
+
+
+@dataclass(frozen=True)
+class SACConfig:
+    """The ``algo_config`` section of ``--algo sac``. Defaults: CleanRL's sac_continuous_action.py,
+    which agrees with SB3's SAC except where noted."""
+
+    buffer_size: int = 1_000_000
+    """Replay capacity in transitions (rounded down to a multiple of the env count)."""
+    learning_starts: int = 5000
+    """Env steps of uniform random actions before the first gradient step (CleanRL; SB3: 100)."""
+    batch_size: int = 256
+    gamma: float = 0.99
+    tau: float = 0.005
+    """Polyak rate of the target critics."""
+    policy_lr: float = 3e-4
+    q_lr: float = 1e-3
+    """Critic learning rate, also the temperature's (CleanRL; SB3: 3e-4 for all three)."""
+    policy_frequency: int = 2
+    """Actor (and temperature) updates run every this many gradient steps, this many at once
+    (CleanRL's delayed update; SB3: 1)."""
+    target_network_frequency: int = 1
+    """Gradient steps between Polyak updates of the target critics."""
+    utd_ratio: float = 1.0
+    """Gradient steps per env step (per transition: N per step of N envs); may be fractional."""
+    n_step: int = 1
+    """Return horizon: n-step returns R_n (cut at episode ends and the newest stored step) bootstrapped
+    with gamma^n, formed when a batch is drawn."""
+    alpha: str = "auto"
+    """Entropy temperature: "auto" (learned, initial 1, SB3), "auto_<init>" (learned from <init>),
+    or a number (fixed, e.g. 0.2)."""
+    target_entropy: float | None = None
+    """Entropy the "auto" temperature aims at; None: -A (SB3, CleanRL)."""
+    critic_hidden: tuple[int, ...] = (256, 256)
+    critic_activation: str = "relu"
+    steps_per_iter: int = 1000
+    """Env steps per iteration (rounded up to a multiple of the env count): logging, evaluation and
+    checkpoints happen between iterations."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", str(self.alpha))
+        positive_int = ("buffer_size", "batch_size", "policy_frequency", "target_network_frequency", "n_step", "steps_per_iter")
+        for name in positive_int:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"invalid algo_config.{name} = {getattr(self, name)} (must be >= 1)")
+        if self.learning_starts < 0:
+            raise ConfigError(f"invalid algo_config.learning_starts = {self.learning_starts} (must be >= 0)")
+        if self.buffer_size < self.batch_size:
+            raise ConfigError(f"algo_config.buffer_size = {self.buffer_size} is smaller than algo_config.batch_size = {self.batch_size}")
+        checks = {
+            "gamma": 0.0 <= self.gamma <= 1.0,
+            "tau": 0.0 < self.tau <= 1.0,
+            "policy_lr": self.policy_lr > 0 and math.isfinite(self.policy_lr),
+            "q_lr": self.q_lr > 0 and math.isfinite(self.q_lr),
+            "utd_ratio": self.utd_ratio > 0 and math.isfinite(self.utd_ratio),
+            "target_entropy": self.target_entropy is None or math.isfinite(self.target_entropy),
+            "critic_hidden": bool(self.critic_hidden) and all(int(h) > 0 for h in self.critic_hidden),
+            "critic_activation": self.critic_activation in ACTIVATIONS,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"invalid algo_config.{name} = {getattr(self, name)!r}")
+        self.temperature()  # "auto", "auto_<init>" or a number
+
+    def temperature(self) -> tuple[bool, float]:
+        """(learned, initial or fixed alpha) from ``alpha``."""
+        text = self.alpha.strip()
+        learned = text == "auto" or text.startswith("auto_")
+        try:
+            value = 1.0 if text == "auto" else float(text[5:] if learned else text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > 0 if learned else value >= 0)):
+            raise ConfigError(f'invalid algo_config.alpha = {self.alpha!r} ("auto", "auto_<initial alpha > 0>" or a number >= 0)')
+        return learned, value
+
+
+class TwinQ(nn.Module):
+    """Two Q(s, a) networks on [obs, action]: (B, O), (B, A) -> (B,), (B,)."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: tuple[int, ...], activation: str) -> None:
+        super().__init__()
+        self.q1 = mlp(obs_dim + action_dim, hidden, 1, activation, out_gain=1.0)
+        self.q2 = mlp(obs_dim + action_dim, hidden, 1, activation, out_gain=1.0)
+
+    def forward(self, obs: Tensor, action: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.cat([obs, action], -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    """Polyak averaging, in place: target <- target + tau (source - target)."""
+    with torch.no_grad():
+        for t, s in zip(target.parameters(), source.parameters(), strict=True):
+            t.lerp_(s, tau)
+
+
+def soft_q_target(reward: Tensor, discount: Tensor, q1: Tensor, q2: Tensor, alpha: Tensor, log_prob: Tensor) -> Tensor:
+    """y = reward + discount (min(q1, q2) - alpha log_prob); discount is 0 where the episode terminated."""
+    return reward + discount * (torch.minimum(q1, q2) - alpha * log_prob)
+
+
+def temperature_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float) -> Tensor:
+    """-mean(log alpha (log pi + target entropy)), the log-prob held constant (SB3, softlearning)."""
+    return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
+
+
+@dataclass
+class Batch:
+    obs: Tensor  # (B, O)
+    action: Tensor  # (B, A)
+    reward: Tensor  # (B,) the n-step return R_n
+    next_obs: Tensor  # (B, O) the observation R_n bootstraps from
+    discount: Tensor  # (B,) gamma^k (1 - terminated) for the k steps R_n spans
+
+
+class ReplayBuffer:
+    """Circular storage of transitions preallocated on a device: R rows of N transitions (one row
+    per env step), sampled uniformly by index; no per-transition Python objects. Rows not yet
+    written are never read (``torch.empty``: their memory is not touched until then)."""
+
+    FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
+
+    def __init__(self, capacity: int, n_envs: int, obs_dim: int, action_dim: int, device: torch.device) -> None:
+        self.rows, self.n_envs = capacity // n_envs, n_envs
+        empty = lambda *shape, dtype=torch.float32: torch.empty(self.rows, n_envs, *shape, dtype=dtype, device=device)  # noqa: E731
+        self.obs, self.next_obs, self.action, self.reward = empty(obs_dim), empty(obs_dim), empty(action_dim), empty()
+        self.terminated, self.truncated = empty(dtype=torch.bool), empty(dtype=torch.bool)
+        self.pos, self.full = 0, False
+
+    def __len__(self) -> int:
+        return (self.rows if self.full else self.pos) * self.n_envs
+
+    def add(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor, terminated: Tensor, truncated: Tensor) -> None:
+        """One env step: (N, O), (N, A), (N,), (N, O) (the true last obs where an episode ended), (N,), (N,)."""
+        for name, value in zip(self.FIELDS, (obs, action, reward, next_obs, terminated, truncated), strict=True):
+            getattr(self, name)[self.pos].copy_(value)
+        self.pos = (self.pos + 1) % self.rows
+        self.full = self.full or self.pos == 0
+
+    def sample(self, batch_size: int, gamma: float, n_step: int, generator: torch.Generator) -> Batch:
+        idx = torch.randint(len(self), (batch_size,), generator=generator, device=self.obs.device)
+        row, env = idx // self.n_envs, idx % self.n_envs
+        obs, action = self.obs[row, env], self.action[row, env]
+        if n_step == 1:
+            return Batch(obs, action, self.reward[row, env], self.next_obs[row, env], gamma * (~self.terminated[row, env]).float())
+        # n-step: steps k = 0..n-1 of the same env, up to and including the first episode end,
+        # and no further than the newest stored row
+        k = torch.arange(n_step, device=row.device)
+        rows, envs = (row[:, None] + k) % self.rows, env[:, None]  # (B, n), (B, 1)
+        stored = k <= ((self.pos - 1 - row) % self.rows)[:, None]  # not beyond the newest row (unwritten rows are garbage)
+        ended = torch.where(stored, self.terminated[rows, envs] | self.truncated[rows, envs], True).int()
+        used = stored & (ended.cumsum(1) - ended == 0)  # and no episode end before step k
+        powers = gamma ** k.to(torch.float32)
+        reward = torch.where(used, self.reward[rows, envs] * powers, 0.0).sum(1)
+        last = used.sum(1) - 1
+        last_row = rows.gather(1, last[:, None]).squeeze(1)
+        discount = gamma * powers[last] * (~self.terminated[last_row, env]).float()
+        return Batch(obs, action, reward, self.next_obs[last_row, env], discount)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The written rows (views, no copy)."""
+        n = self.rows if self.full else self.pos
+        return {name: getattr(self, name)[:n] for name in self.FIELDS}
+
+    def load_state_dict(self, tensors: dict[str, Tensor], pos: int, full: bool) -> None:
+        for name in self.FIELDS:
+            mine, saved = getattr(self, name), tensors[name]
+            if saved.shape == mine.shape and saved.device == mine.device and saved.dtype == mine.dtype:
+                setattr(self, name, saved)  # a full buffer: take the loaded tensor, no second copy
+            else:
+                mine[: saved.shape[0]].copy_(saved)
+        self.pos, self.full = int(pos), bool(full)
+
+
+def squashed_actor(policy: PolicyModule, env: BatchedEnv) -> PolicyModule:
+    """The policy SAC trains: the gaussian family with the tanh squash and a state-dependent std
+    (both set here when the run's config leaves them at the family's PPO defaults; one of them
+    set otherwise is refused), acting in the env's box."""
+    spec = env.spec
+    if not (hasattr(policy, "rsample") and hasattr(policy, "set_action_box")):
+        raise ConfigError(f"--algo sac trains a reparameterised, squashed policy: --policy gaussian (the {policy.family} family has no rsample)")
+    if isinstance(policy, GaussianPolicy):
+        squash, sde = policy.config.squash, policy.config.state_dependent_std
+        if (squash, sde) == ("none", False):
+            policy = GaussianPolicy(policy.obs_dim, policy.action_dim, dataclasses.replace(policy.config, squash="tanh", state_dependent_std=True))
+        elif (squash, sde) != ("tanh", True):
+            raise ConfigError("--algo sac needs policy_config.squash = 'tanh' with policy_config.state_dependent_std = true (or both left unset)")
+    try:
+        policy.set_action_box(spec.action_low, spec.action_high)  # type: ignore[operator]
+    except ValueError:
+        raise ConfigError(f"--algo sac squashes actions into the action box; {spec.env_id}'s is not finite") from None
+    return policy
+
+
+class SAC:
+    """SAC over a batched env; ``iterate()`` runs ``steps_per_iter`` env steps with their gradient steps."""
+
+    def __init__(self, policy: PolicyModule, env: BatchedEnv, cfg: SACConfig, *, total_steps: int, seed: int, device: str = "cpu") -> None:
+        spec = env.spec
+        if (policy.obs_dim, policy.action_dim) != (spec.obs_dim, spec.action_dim):
+            raise ConfigError(f"policy dims (obs {policy.obs_dim}, action {policy.action_dim}) do not match {spec.env_id} (obs {spec.obs_dim}, action {spec.action_dim})")
+        if cfg.buffer_size < spec.n_envs:
+            raise ConfigError(f"algo_config.buffer_size = {cfg.buffer_size} is smaller than env.n_envs = {spec.n_envs}")
+        self.cfg, self.env, self.device = cfg, env, torch.device(device)
+        self.policy = squashed_actor(policy, env).to(self.device)
+        self.critic = TwinQ(spec.obs_dim, spec.action_dim, tuple(cfg.critic_hidden), cfg.critic_activation).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.autotune, alpha = cfg.temperature()
+        self.log_alpha = torch.full((1,), math.log(alpha) if alpha > 0 else -math.inf, device=self.device, requires_grad=self.autotune)
+        self.target_entropy = -float(spec.action_dim) if cfg.target_entropy is None else cfg.target_entropy
+        self.actor_params = list(self.policy.parameters())
+        # fused Adam: one kernel per step instead of a dozen foreach ops (~15% of an update on CPU)
+        self.actor_opt = torch.optim.Adam(self.actor_params, lr=cfg.policy_lr, fused=True)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.q_lr, fused=True)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.q_lr, fused=True) if self.autotune else None
+        self.buffer = ReplayBuffer(cfg.buffer_size, spec.n_envs, spec.obs_dim, spec.action_dim, self.device)
+        self.low = torch.as_tensor(spec.action_low, device=self.device)
+        self.high = torch.as_tensor(spec.action_high, device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.env_steps_per_iter = -(-cfg.steps_per_iter // spec.n_envs)  # vector steps
+        self.steps_per_iter = self.env_steps_per_iter * spec.n_envs
+        self.total_steps = int(total_steps)
+        self.n_iterations = max(1, math.ceil(self.total_steps / self.steps_per_iter))
+        self.global_step = self.iteration = self.n_updates = 0
+        self.next_obs = env.reset(seed=seed).to(self.device)
+
+    # -- acting and storing ---------------------------------------------------------------------
+    def explore(self, obs: Tensor) -> Tensor:
+        """Uniform in the action box before ``learning_starts``, then the policy's sample; (N, A)."""
+        if self.global_step < self.cfg.learning_starts:
+            u = torch.rand(obs.shape[0], self.env.spec.action_dim, generator=self.generator, device=self.device)
+            return self.low + (self.high - self.low) * u
+        with torch.no_grad():
+            action, _ = self.policy.act(obs, generator=self.generator)
+        return action
+
+    def iterate(self) -> dict[str, float]:
+        """``steps_per_iter`` env steps, each followed by the gradient steps due; returns metrics."""
+        cfg, t0 = self.cfg, time.perf_counter()
+        returns: list[float] = []
+        lengths: list[int] = []
+        sums: dict[str, Tensor] = {}
+        updates_before, n_actor = self.n_updates, 0
+        obs = self.next_obs
+        for _ in range(self.env_steps_per_iter):
+            action = self.explore(obs)
+            out = self.env.step(action)
+            self.buffer.add(obs, action, out.reward, out.final_obs, out.terminated, out.truncated)
+            obs = out.obs.to(self.device)
+            self.global_step += self.env.spec.n_envs
+            returns += out.episode_returns
+            lengths += out.episode_lengths
+            due = int(max(0, self.global_step - cfg.learning_starts) * cfg.utd_ratio) - self.n_updates
+            for _ in range(due):
+                n_actor += self.update(sums)
+        self.next_obs = obs
+        self.iteration += 1
+        n_critic = self.n_updates - updates_before
+        bad = [k for k, v in sums.items() if not torch.isfinite(v)]
+        if bad:
+            raise NonFiniteLossError(f"non-finite SAC loss before step {self.global_step} (terms: {', '.join(bad)})")
+        check_weights(self.actor_params + list(self.critic.parameters()), f"at step {self.global_step}")
+        dt = time.perf_counter() - t0
+        metrics = {"rollout/episodes": float(len(returns)), "train/n_updates": float(n_critic), "train/alpha": float(self.log_alpha.detach().exp()),
+                   "time/sps": self.steps_per_iter / dt, "time/iteration_s": dt}  # fmt: skip
+        if returns:
+            metrics["rollout/ep_return"] = sum(returns) / len(returns)
+            metrics["rollout/ep_length"] = sum(lengths) / len(lengths)
+        for key, value in sums.items():
+            metrics[f"train/{key}"] = float(value) / max(1, n_critic if key in ("critic_loss", "q_value") else n_actor)
+        return metrics
+
+    # -- gradient steps -------------------------------------------------------------------------
+    def update(self, sums: dict[str, Tensor]) -> int:
+        """One critic step (and the actor / temperature / target steps due); returns actor steps."""
+        cfg = self.cfg
+        batch = self.buffer.sample(cfg.batch_size, cfg.gamma, cfg.n_step, self.generator)
+        alpha = self.log_alpha.detach().exp()
+        with torch.no_grad():
+            next_action, next_log_prob = self.policy.rsample(batch.next_obs, generator=self.generator)
+            target = soft_q_target(batch.reward, batch.discount, *self.critic_target(batch.next_obs, next_action), alpha, next_log_prob)
+        q1, q2 = self.critic(batch.obs, batch.action)
+        critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+        self.n_updates += 1
+        _add(sums, critic_loss=critic_loss.detach(), q_value=(q1 + q2).detach().mean() / 2)
+        n_actor = 0
+        if self.n_updates % cfg.policy_frequency == 0:
+            for _ in range(cfg.policy_frequency):
+                actor_loss, log_prob = self.actor_loss(batch.obs, alpha)
+                self.actor_opt.zero_grad(set_to_none=True)
+                actor_loss.backward(inputs=self.actor_params)  # no gradients for the critic's weights
+                self.actor_opt.step()
+                _add(sums, actor_loss=actor_loss.detach(), entropy=-log_prob.detach().mean())
+                if self.alpha_opt is not None:
+                    alpha_loss = temperature_loss(self.log_alpha, log_prob, self.target_entropy)
+                    self.alpha_opt.zero_grad(set_to_none=True)
+                    alpha_loss.backward()
+                    self.alpha_opt.step()
+                    alpha = self.log_alpha.detach().exp()
+                    _add(sums, alpha_loss=alpha_loss.detach())
+                n_actor += 1
+        if self.n_updates % cfg.target_network_frequency == 0:
+            soft_update(self.critic_target, self.critic, cfg.tau)
+        return n_actor
+
+    def actor_loss(self, obs: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """mean(alpha log pi(a~|s) - min_j Q_j(s, a~)) and log pi(a~|s) (B,), a~ reparameterised.
+        PMOE-SAC (design notes, algorithms.md 6.2) replaces this: every expert's sample scored by
+        the critic, the best expert's loss, plus the family's mixing-weight loss."""
+        action, log_prob = self.policy.rsample(obs, generator=self.generator)
+        q1, q2 = self.critic(obs, action)
+        return (alpha * log_prob - torch.minimum(q1, q2)).mean(), log_prob
+
+    # -- exact resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Critics, targets, temperature, optimizers, generator, the buffer's written rows (views),
+        the next observation and counters; the env saves its own, the run loop the policy."""
+        optimizer = {"actor": self.actor_opt.state_dict(), "critic": self.critic_opt.state_dict()}
+        if self.alpha_opt is not None:
+            optimizer["alpha"] = self.alpha_opt.state_dict()
+        return {
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "log_alpha": self.log_alpha.detach(),
+            "optimizer": optimizer,
+            "rng.generator": self.generator.get_state(),
+            "next_obs": self.next_obs.cpu(),
+            "buffer": self.buffer.state_dict(),
+            "buffer_pos": self.buffer.pos,
+            "buffer_full": self.buffer.full,
+            "global_step": self.global_step,
+            "iteration": self.iteration,
+            "n_updates": self.n_updates,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+        self.actor_opt.load_state_dict(state["optimizer"]["actor"])
+        self.critic_opt.load_state_dict(state["optimizer"]["critic"])
+        if self.alpha_opt is not None:
+            self.alpha_opt.load_state_dict(state["optimizer"]["alpha"])
+        self.generator.set_state(state["rng.generator"])
+        # a fresh, aligned copy (see PPO.load_state_dict); a back end without snapshots restarted its episodes
+        restarted = getattr(self.env, "restarted_obs", None)
+        self.next_obs = (state["next_obs"] if restarted is None else restarted).to(self.device, copy=True)
+        self.buffer.load_state_dict({k: v.to(self.device) for k, v in state["buffer"].items()}, state["buffer_pos"], state["buffer_full"])
+        self.global_step, self.iteration, self.n_updates = int(state["global_step"]), int(state["iteration"]), int(state["n_updates"])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _add(sums: dict[str, Tensor], **terms: Tensor) -> None:
+    for k, v in terms.items():
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def build(policy: PolicyModule, env: BatchedEnv, cfg: SACConfig, *, total_steps: int, seed: int, device: str = "cpu") -> SAC:
+    return SAC(policy, env, cfg, total_steps=total_steps, seed=seed, device=device)
+
+
+register_control_algorithm("sac", build, SACConfig)
+
+__all__ = ["SAC", "SACConfig", "ReplayBuffer", "TwinQ", "soft_q_target", "soft_update", "temperature_loss"]
