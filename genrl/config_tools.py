@@ -214,14 +214,18 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def describe_config(algo: str = "ppo", policy: str = "gaussian") -> str:
     """Every config key (dotted, as ``--set`` takes it) with its type, default and docstring."""
-    from genrl.config import ALGOS, TrainConfig, config_from_dict
+    from genrl.algos.base import CONTROL_ALGORITHMS
+    from genrl.config import TrainConfig, config_from_dict, control_algos
     from genrl_policies.base import resolve_family
 
     image = algo in IMAGE_ALGOS
-    if not image and algo not in ALGOS:
-        raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(ALGOS + IMAGE_ALGOS)}")
+    if not image and algo not in control_algos():
+        raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(control_algos() + IMAGE_ALGOS)}")
     root = config_from_dict({"algo": algo} if image else {"algo": algo, "policy": policy})
+    registered = CONTROL_ALGORITHMS.get(algo)
     skip = set(root.unused_sections()) | ({"gorl"} if policy != "gorl" else set())
+    if registered is not None:  # its settings are algo_config; ppo's and gorl's sections are PPO's
+        skip |= {"ppo", "gorl"}
     lines = [f"# genrl config for --algo {algo}" + ("" if image else f" --policy {policy}"), "# key: type = default  (meaning)"]
 
     def walk(cls: type, prefix: str, instance: Any) -> None:
@@ -241,6 +245,14 @@ def describe_config(algo: str = "ppo", policy: str = "gaussian") -> str:
                 for pf in dataclasses.fields(pcfg):
                     t = getattr(get_type_hints(family.config_class)[pf.name], "__name__", str(get_type_hints(family.config_class)[pf.name]))
                     lines.append(f"policy_config.{pf.name}: {t} = {getattr(pcfg, pf.name)!r}" + (f"  ({pdocs[pf.name]})" if pf.name in pdocs else ""))
+                continue
+            if f.name == "algo_config":
+                if registered is not None and registered.config_class is not None:
+                    acls = registered.config_class
+                    adocs, ahints, acfg = field_docs(acls), get_type_hints(acls), acls()
+                    for af in dataclasses.fields(acls):
+                        t = getattr(ahints[af.name], "__name__", str(ahints[af.name]))
+                        lines.append(f"algo_config.{af.name}: {t} = {getattr(acfg, af.name)!r}" + (f"  ({adocs[af.name]})" if af.name in adocs else ""))
                 continue
             t = getattr(hints[f.name], "__name__", str(hints[f.name]))
             lines.append(f"{prefix}{f.name}: {t} = {value!r}" + (f"  ({docs[f.name]})" if f.name in docs else ""))

@@ -380,3 +380,5 @@ def test_one_config_root_for_every_algorithm() -> None:
     text = describe_config("g2rpo")
     assert "t2i.model: str = 'digits'" in text and "grpo.n_steps" in text and "ppo." not in text and "policy_config" not in text
     assert "gorl." not in describe_config("ppo", "gaussian") and "gorl.stage_fractions" in describe_config("ppo", "gorl")
+    sac = describe_config("sac", "gaussian")
+    assert "algo_config.buffer_size: int = 1000000" in sac and "ppo." not in sac and "algo_config.dataset" in describe_config("bc", "diffusion")
