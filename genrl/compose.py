@@ -125,39 +125,46 @@ def composed(agents: Sequence[Agent], weights: Sequence[float]) -> Any:
         raise ConfigError(str(exc)) from None
 
 
-def run_episodes(agents: Sequence[Agent], weights: Sequence[float], seed: int, episodes: int, *, deterministic: bool = False) -> Result:
-    """One episode on each of ``episodes`` parallel envs (env i seeded ``seed + i``), the
-    composition acting with a sampler generator seeded ``seed``: identical seeds give identical
-    episodes for every weight until their actions differ (common random numbers)."""
+def run_episodes(
+    agents: Sequence[Agent], weights: Sequence[float], seed: int, episodes: int, *, deterministic: bool = False, max_parallel: int = 50
+) -> Result:  # fmt: skip
+    """Episode i on its own env seeded ``seed + i``, in batches of at most ``max_parallel``
+    parallel envs (one episode each), the composition sampling with a generator seeded by the
+    batch's first seed: identical seeds give identical episodes for every weight until their
+    actions differ (common random numbers)."""
     a0 = agents[0]
-    env = _envs(a0.env_id, json.dumps(a0.env_kwargs, sort_keys=True), json.dumps(a0.chunking, sort_keys=True), episodes)
+    n_par = min(episodes, max_parallel)
+    env = _envs(a0.env_id, json.dumps(a0.env_kwargs, sort_keys=True), json.dumps(a0.chunking, sort_keys=True), n_par)
     policy = composed(agents, weights)
     low, high = torch.from_numpy(a0.action_low), torch.from_numpy(a0.action_high)
-    gen = torch.Generator().manual_seed(seed)
     success = np.zeros(episodes, dtype=bool)
     returns = np.zeros(episodes)
-    running = np.zeros(episodes)
-    done = np.zeros(episodes, dtype=bool)
-    obs = env.reset(seed=seed)  # every sub-env re-seeded: the same episodes for every weight
-    with torch.inference_mode():
-        while not done.all():
-            action, _ = policy.act(obs, deterministic=deterministic, generator=gen)
-            out = env.step(torch.maximum(torch.minimum(action.float(), high), low))
-            reward = out.reward.numpy().astype(np.float64)
-            ended = (out.terminated | out.truncated).numpy()
-            new = ended & ~done
-            running += np.where(done, 0.0, reward)
-            success[new] = out.terminated.numpy()[new]
-            returns[new] = running[new]
-            done |= ended
-            obs = out.obs
+    for start in range(0, episodes, n_par):
+        k = min(n_par, episodes - start)
+        gen = torch.Generator().manual_seed(seed + start)
+        running = np.zeros(n_par)
+        done = np.zeros(n_par, dtype=bool)
+        done[k:] = True  # the last batch's spare envs do not count
+        obs = env.reset(seed=seed + start)  # every sub-env re-seeded: the same episodes for every weight
+        with torch.inference_mode():
+            while not done.all():
+                action, _ = policy.act(obs, deterministic=deterministic, generator=gen)
+                out = env.step(torch.maximum(torch.minimum(action.float(), high), low))
+                ended = (out.terminated | out.truncated).numpy()
+                new = ended & ~done
+                running += np.where(done, 0.0, out.reward.numpy().astype(np.float64))
+                success[start : start + k][new[:k]] = out.terminated.numpy()[:k][new[:k]]
+                returns[start : start + k][new[:k]] = running[:k][new[:k]]
+                done |= ended
+                obs = out.obs
     return Result(tuple(weights), success, returns)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)
 def _envs(env_id: str, env_kwargs: str, chunking: str, n: int) -> Any:
-    """One batched env per (task, episode count), kept for every weight of a search: building
-    some tasks' envs takes seconds (OGBench compiles its scene)."""
+    """One batched env per (task, parallel count), kept for every weight of a search: building
+    some tasks' envs takes seconds (OGBench compiles its scene) and each holds a simulator, so
+    at most ``max_parallel`` of them exist."""
     from genrl_envs import make_env
 
     chunks = json.loads(chunking)
@@ -195,7 +202,16 @@ def compose_main(
         grid = weight_grid(n, grid_step)
 
         def evaluate_val(w: Sequence[float]) -> Result:
+            cached = Path(out) / "validation" / f"{'-'.join(f'{x:.4f}' for x in w)}.json" if out is not None else None
+            if cached is not None and cached.is_file():  # an interrupted search resumes where it stopped
+                d = json.loads(cached.read_text())
+                if d["episodes"] == val_episodes and d["deterministic"] == deterministic:
+                    return Result(tuple(w), np.array(d["success"], dtype=bool), np.array(d["returns"]))
             r = run_episodes(agents, w, VAL_SEED, val_episodes, deterministic=deterministic)
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                payload = {"episodes": val_episodes, "deterministic": deterministic, "success": r.success.tolist(), "returns": r.returns.tolist()}
+                cached.write_text(json.dumps(payload))
             progress(f"validation {format_weights(w)}: success {r.success_rate:.3f}, return {r.returns.mean():.1f}")
             return r
 

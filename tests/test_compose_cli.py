@@ -46,6 +46,10 @@ def test_endpoints_reproduce_each_parent_and_seeds_are_common(parents: list[Path
     np.testing.assert_array_equal(a.returns, b.returns)  # same seeds, same episodes
     alone = compose.run_episodes([agents[0], agents[0]], (0.5, 0.5), 7, 6)  # a policy composed with itself is that policy
     np.testing.assert_allclose(alone.returns, a.returns, rtol=1e-6)
+    batched = compose.run_episodes(agents, (1.0, 0.0), 7, 5, max_parallel=2)  # batches of 2, 2, 1 (one spare env)
+    again = compose.run_episodes(agents, (1.0, 0.0), 7, 5, max_parallel=2)
+    assert len(batched.returns) == 5 and (batched.returns < 0).all()
+    np.testing.assert_array_equal(batched.returns, again.returns)
 
 
 def test_the_search_never_reads_test_seeds(parents: list[Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
