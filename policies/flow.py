@@ -183,6 +183,15 @@ ODE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun", "euler
 ODE_FIXED_METHODS = ("euler", "midpoint", "heun3", "rk4")
 
 
+def flow_bc_loss(velocity: nn.Module, obs: Tensor, actions: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Behaviour cloning by conditional flow matching on the rectified path: z ~ N(0, I),
+    t ~ U[0, 1), mean over batch and action dims of ||v(x_t, t | s) - (a - z)||^2 (``cfm_loss``)."""
+    B, A = actions.shape
+    z = torch.randn(B, A, generator=generator, dtype=actions.dtype, device=actions.device)
+    t = torch.rand(B, generator=generator, dtype=actions.dtype, device=actions.device)
+    return cfm_loss(velocity, actions, z, t, obs).mean() / A
+
+
 def _odeint(func, y0: Tensor, t0: float, t1: float, n_steps: int, method: str, atol: float, rtol: float) -> Tensor:
     """torchdiffeq.odeint from t0 to t1, validating the arguments; returns the state at t1."""
     import torchdiffeq  # optional dependency (the "flow" extra): only the reference paths need it

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from genrl_policies.base import PolicyModule, Terms, check_detached
 from genrl_policies.denoisers import VelocityDenoiser
-from genrl_policies.flow import VelocityNet, cfm_loss, integrate
+from genrl_policies.flow import VelocityNet, cfm_loss, flow_bc_loss, integrate
 from genrl_policies.nets import ACTIVATIONS
 
 RATIO_MODES = ("average", "per_pair")
@@ -182,10 +182,7 @@ class FPOPolicy(PolicyModule):
         ``act`` adds the feather noise ``exploration_noise`` on top.
         """
         self.check_bc_batch(obs, actions)
-        B, A = actions.shape
-        z = torch.randn(B, A, generator=generator, dtype=actions.dtype, device=actions.device)
-        t = torch.rand(B, generator=generator, dtype=actions.dtype, device=actions.device)
-        return cfm_loss(self.velocity, actions, z, t, obs).mean() / A
+        return flow_bc_loss(self.velocity, obs, actions, generator)
 
     def denoiser(self) -> VelocityDenoiser:
         """This policy as a rectified-flow velocity parent for test-time composition."""

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from genrl_policies.base import PolicyModule, Terms, check_detached
 from genrl_policies.denoisers import VelocityDenoiser
-from genrl_policies.flow import METHODS, VelocityNet, cfm_loss, integrate, time_grid
+from genrl_policies.flow import METHODS, VelocityNet, flow_bc_loss, integrate, time_grid
 from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, diag_gaussian_log_prob
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the official code's clamp on log sigma
@@ -181,10 +181,7 @@ class PolicyFlowPolicy(PolicyModule):
         stochastically).
         """
         self.check_bc_batch(obs, actions)
-        B, A = actions.shape
-        z = torch.randn(B, A, generator=generator, dtype=actions.dtype, device=actions.device)
-        t = torch.rand(B, generator=generator, dtype=actions.dtype, device=actions.device)
-        return cfm_loss(self.velocity, actions, z, t, obs).mean() / A
+        return flow_bc_loss(self.velocity, obs, actions, generator)
 
     def denoiser(self) -> VelocityDenoiser:
         """This policy as a rectified-flow velocity parent for test-time composition."""
