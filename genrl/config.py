@@ -312,9 +312,18 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     ``preset`` key lays that preset's values under ``data``; text-to-image runs get the image run
     defaults; ``env = "t2i"`` with flat ``model`` / ``prompts`` / ``reward`` / ``dtype`` (the CLI's
     and earlier releases' spelling) is read as the ``t2i`` section."""
+    from genrl.algos.base import CONTROL_ALGORITHMS
+
     data = apply_preset(image_layout(data))
     if data.get("algo") in IMAGE_ALGOS:
         data = merge({"run": IMAGE_RUN_DEFAULTS}, data)
+    registered = CONTROL_ALGORITHMS.get(data.get("algo", "ppo"))
+    if registered is not None and registered.defaults:  # the algorithm's own defaults, under the user's values
+        defaults = dict(registered.defaults)
+        per_family = defaults.pop("policy_config_for", {})
+        if data.get("policy", "gaussian") in per_family:
+            defaults["policy_config"] = per_family[data.get("policy", "gaussian")]
+        data = merge(defaults, data)
     return _build(TrainConfig, data, "")
 
 

@@ -277,8 +277,8 @@ def test_sac_temperature_spellings() -> None:
     ("policy", "policy_config", "match"),
     [
         ("pmoe", {}, "--policy gaussian"),
-        ("gaussian", {"squash": "tanh"}, "state_dependent_std = true"),
-        ("gaussian", {"state_dependent_std": True}, "squash = 'tanh'"),
+        ("gaussian", {"state_dependent_std": False}, "state_dependent_std = true"),
+        ("gaussian", {"squash": "none"}, "squash = 'tanh'"),
     ],
 )
 def test_sac_refuses_a_policy_it_cannot_train(policy: str, policy_config: dict[str, Any], match: str, tmp_path: Path) -> None:

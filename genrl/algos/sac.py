@@ -22,12 +22,11 @@ One iteration is ``steps_per_iter`` env steps, so the run loop logs, evaluates a
 between iterations; a checkpoint holds the buffer, and resuming any checkpoint reproduces the
 uninterrupted run bit for bit on CPU.
 
-The actor is the gaussian family with ``squash = "tanh"`` and ``state_dependent_std = true``:
-SAC sets both when the run's ``policy_config`` leaves them at the family's PPO defaults (the
-policy's own ``config.json`` records them; the run's records what was asked) and stores the
-env's action box in the policy, so an exported agent acts in the box on its own. Its size and
-activation are the family's (``policy_config.hidden_sizes``, ``activation``; the references use
-[256, 256] ReLU). Log-probs are those of the squashed action in [-1, 1]^A (SB3's convention:
+The actor is the gaussian family with ``squash = "tanh"`` and ``state_dependent_std = true``,
+[256, 256] ReLU as the references, and the env without running normalisation: ``SAC_DEFAULTS``,
+laid under the run's config when it is parsed (so ``config.json`` shows them; the user's own
+values win). SAC stores the env's action box in the policy, so an exported agent acts in the box
+on its own. Log-probs are those of the squashed action in [-1, 1]^A (SB3's convention:
 the target entropy -A does not depend on the box's units).
 
 Where CleanRL and SB3 differ, genrl takes: CleanRL's learning rates, learning start and delayed
@@ -35,10 +34,8 @@ actor (``SACConfig``), its critic loss (SB3 halves it); SB3's log sigma clamp [-
 rescales a tanh to [-5, 2]) and its temperature loss in log alpha with the actor step's own
 log-prob (CleanRL: alpha times a fresh sample's).
 
-SAC stores what the env gives: genrl's env defaults normalise observations and rewards with
-running statistics, so stored transitions carry the statistics of their time. The reference
-implementations (CleanRL, SB3) do not normalise: ``--set env.normalize_obs=false --set
-env.normalize_reward=false``.
+SAC stores what the env gives; with running normalisation switched back on
+(``--set env.normalize_obs=true``) stored transitions would carry the statistics of their time.
 """
 
 from __future__ import annotations
@@ -428,6 +425,13 @@ def build(policy: PolicyModule, env: BatchedEnv, cfg: SACConfig, *, total_steps:
     return SAC(policy, env, cfg, total_steps=total_steps, seed=seed, device=device)
 
 
-register_control_algorithm("sac", build, SACConfig)
+#: what an --algo sac run needs other than genrl's PPO-era defaults (laid under the user's config):
+#: no running normalisation (CleanRL, SB3), the squashed state-dependent actor of the references
+SAC_DEFAULTS = {
+    "env": {"normalize_obs": False, "normalize_reward": False},
+    "policy_config_for": {"gaussian": {"squash": "tanh", "state_dependent_std": True, "hidden_sizes": [256, 256], "activation": "relu"}},
+}
+
+register_control_algorithm("sac", build, SACConfig, defaults=SAC_DEFAULTS)
 
 __all__ = ["SAC", "SACConfig", "ReplayBuffer", "TwinQ", "soft_q_target", "soft_update", "temperature_loss"]
