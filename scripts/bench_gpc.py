@@ -98,6 +98,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=list(TASKS), default="cube")
     p.add_argument("--bc-steps", type=int, default=2000)
+    p.add_argument("--diffusion-steps", type=int, help="BC steps of the diffusion parent (default --bc-steps)")
+    p.add_argument("--fpo-steps", type=int, help="BC steps of the flow parent (default --bc-steps)")
     p.add_argument("--weak-steps", type=int, default=500)
     p.add_argument("--val-episodes", type=int, default=100)
     p.add_argument("--test-episodes", type=int, default=200)
@@ -110,8 +112,8 @@ def main() -> None:
     root = Path(args.out) / args.task
     root.mkdir(parents=True, exist_ok=True)
     data = demos(args.task, root)
-    diff = bc_parent(args.task, "diffusion", data, args.bc_steps, root / "bc-diffusion")
-    flow = bc_parent(args.task, "fpo", data, args.bc_steps, root / "bc-fpo")
+    diff = bc_parent(args.task, "diffusion", data, args.diffusion_steps or args.bc_steps, root / "bc-diffusion")
+    flow = bc_parent(args.task, "fpo", data, args.fpo_steps or args.bc_steps, root / "bc-fpo")
     lines = ["## Moderate pair: diffusion + flow", "", markdown(compose_pair([diff, flow], root / "gpc-diffusion-fpo", args.val_episodes, args.test_episodes))]
     if "weak" not in args.skip:
         weak = bc_parent(args.task, "fpo", data, args.weak_steps, root / "bc-fpo-weak", seed=1)
