@@ -27,7 +27,6 @@ from genrl.config_tools import (  # noqa: F401  re-exported: genrl.config is whe
     RENAMED,
     _build,
     _coerce,
-    describe_config,
     field_docs,
     image_layout,
     load_config_file,
@@ -337,3 +336,51 @@ def apply_preset(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"preset must be a name, got {name!r}")
     preset = resolve_preset(name, data)
     return merge(merge(preset.values, data), {"preset": preset.name})
+
+
+def describe_config(algo: str = "ppo", policy: str = "gaussian") -> str:
+    """Every config key (dotted, as ``--set`` takes it) with its type, default and docstring."""
+    from genrl.algos.base import CONTROL_ALGORITHMS
+    from genrl_policies.base import resolve_family
+
+    image = algo in IMAGE_ALGOS
+    if not image and algo not in control_algos():
+        raise ConfigError(f"unknown algo '{algo}'; valid choices: {', '.join(control_algos() + IMAGE_ALGOS)}")
+    root = config_from_dict({"algo": algo} if image else {"algo": algo, "policy": policy})
+    registered = CONTROL_ALGORITHMS.get(algo)
+    skip = set(root.unused_sections()) | ({"gorl"} if policy != "gorl" else set())
+    if registered is not None:  # its settings are algo_config; ppo's and gorl's sections are PPO's
+        skip |= {"ppo", "gorl"}
+    lines = [f"# genrl config for --algo {algo}" + ("" if image else f" --policy {policy}"), "# key: type = default  (meaning)"]
+
+    def walk(cls: type, prefix: str, instance: Any) -> None:
+        docs = field_docs(cls)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not prefix and f.name in skip:
+                continue
+            value = getattr(instance, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(type(value), f"{prefix}{f.name}.", value)
+                continue
+            if f.name == "policy_config":
+                family = resolve_family(policy)
+                pcfg = family.config_class()
+                pdocs = field_docs(family.config_class)
+                for pf in dataclasses.fields(pcfg):
+                    t = getattr(get_type_hints(family.config_class)[pf.name], "__name__", str(get_type_hints(family.config_class)[pf.name]))
+                    lines.append(f"policy_config.{pf.name}: {t} = {getattr(pcfg, pf.name)!r}" + (f"  ({pdocs[pf.name]})" if pf.name in pdocs else ""))
+                continue
+            if f.name == "algo_config":
+                if registered is not None and registered.config_class is not None:
+                    acls = registered.config_class
+                    adocs, ahints, acfg = field_docs(acls), get_type_hints(acls), acls()
+                    for af in dataclasses.fields(acls):
+                        t = getattr(ahints[af.name], "__name__", str(ahints[af.name]))
+                        lines.append(f"algo_config.{af.name}: {t} = {getattr(acfg, af.name)!r}" + (f"  ({adocs[af.name]})" if af.name in adocs else ""))
+                continue
+            t = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"{prefix}{f.name}: {t} = {value!r}" + (f"  ({docs[f.name]})" if f.name in docs else ""))
+
+    walk(TrainConfig, "", root)
+    return "\n".join(lines)
