@@ -31,4 +31,3 @@ def assert_same_nested(a, b, where: str = "") -> None:
             assert_same_nested(x, y, f"{where}[{i}]")
     else:
         assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
-
