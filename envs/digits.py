@@ -4,10 +4,14 @@ Everything a Stable Diffusion 3 fine-tuning loop touches, at toy size and withou
 
 - prompts ("a handwritten 7", "the digit seven", ...) and ``parse_digit`` to read the digit back;
 - ``write_clip_bpe_tokenizer``: a real (small) CLIP byte-level BPE vocabulary for those words;
+- ``t5_tokenizer``: a small T5 (Unigram) tokenizer with one piece per prompt word;
+- ``pixel_vae``: an ``AutoencoderKL`` whose decoder and encoder are the identity (to ~3e-6 on
+  [-1, 1]), so a pixel-space model runs through diffusers' own ``pipe(prompt).images``;
 - ``build_digits_pipeline``: a randomly initialised ``diffusers.StableDiffusion3Pipeline`` made of
   the genuine classes (``SD3Transformer2DModel``, ``FlowMatchEulerDiscreteScheduler``, two
-  ``CLIPTextModelWithProjection`` encoders, no T5) working in pixel space (``vae=None``: the
-  "latent" is the 1x8x8 image in [-1, 1]), or with a tiny ``AutoencoderKL`` for tests;
+  ``CLIPTextModelWithProjection`` encoders, optionally a ``T5EncoderModel``) working in pixel
+  space (the "latent" is the 1x8x8 image in [-1, 1]; no VAE or the identity ``pixel_vae``), or
+  with a tiny learned ``AutoencoderKL`` for tests;
 - ``load_digits`` (the data, scaled to [-1, 1]) and ``DigitClassifier`` (an RBF SVM, the reward).
 
 ``scripts/pretrain_digits.py`` trains the base model shipped in ``assets/digits-sd3``.
@@ -41,14 +45,17 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
     "{}",
 )
 
-#: Image side in pixels (sklearn digits are 8x8) and the CLIP context length.
+#: Image side in pixels (sklearn digits are 8x8), the CLIP context length and the T5 length the
+#: shipped model samples with (it is also trained at diffusers' default of 256, see
+#: scripts/pretrain_digits.py).
 IMAGE_SIZE = 8
 MAX_TOKENS = 16
+T5_TOKENS = 8
 
 #: Sampling defaults for the shipped model (written next to it as ``genrl_t2i.json``).
 SAMPLING_DEFAULTS: dict[str, Any] = {
     "resolution": IMAGE_SIZE,
-    "max_sequence_length": 0,
+    "max_sequence_length": T5_TOKENS,
     "guidance_scale": 1.0,
     "num_inference_steps": 10,
     "prompts": "digits",
@@ -139,6 +146,75 @@ def load_clip_tokenizer(tokenizer_dir: str | Path) -> Any:
     return CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=MAX_TOKENS)
 
 
+def t5_tokenizer(words: Iterable[str] | None = None) -> Any:
+    """A small ``transformers`` T5 tokenizer (SentencePiece-style Unigram over "▁"-prefixed pieces):
+    ``<pad>`` 0, ``</s>`` 1 (appended, as T5 does), ``<unk>`` 2, one piece per word of ``words``
+    (default ``tokenizer_words()`` and the numerals), then single characters, so any lower-case
+    text tokenizes; other characters become ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = [*tokenizer_words(), *map(str, range(10))] if words is None else [w.lower() for w in words]
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789.,'-"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words] + [("▁", -2.0)] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0, model_max_length=T5_TOKENS)
+
+
+#: The constant channels of ``pixel_vae``: large enough that GroupNorm's statistics hardly see
+#: the image (relative error mean(x^2) / (2 K^2)), small enough for float32 sums.
+_PIXEL_VAE_K = 1024.0
+
+
+def pixel_vae(channels: int = 1, sample_size: int = IMAGE_SIZE) -> Any:
+    """An ``AutoencoderKL`` that is the identity: ``decode(z) = z`` and ``encode(x).mean = x`` to
+    within ~3e-6 on [-1, 1] (posterior std e^-15), scaling 1, shift 0, no downsampling.
+
+    It lets diffusers' pipelines run a pixel-space model unchanged (their ``images`` are then
+    ``z / 2 + 0.5``, genrl's pixel-space decode). Each coder is conv_in -> identity resnets ->
+    GroupNorm -> SiLU -> conv_out, with conv_in writing the channels (x, -x, K, -K): the group's
+    mean is 0 and its std ~K / sqrt(2) whatever x is, GroupNorm's scale K / sqrt(2) restores x,
+    and conv_out takes silu(x) - silu(-x) = x exactly. Every resnet's last conv is zero.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(4 * channels,),
+        layers_per_block=1,
+        latent_channels=channels,
+        norm_num_groups=channels,
+        sample_size=sample_size,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+    k = _PIXEL_VAE_K
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for coder, n_out in ((vae.encoder, 2 * channels), (vae.decoder, channels)):
+            for c in range(channels):  # group c holds channels 4c .. 4c+3 = (x_c, -x_c, K, -K)
+                coder.conv_in.weight[4 * c, c, 1, 1], coder.conv_in.weight[4 * c + 1, c, 1, 1] = 1.0, -1.0
+                coder.conv_in.bias[4 * c + 2], coder.conv_in.bias[4 * c + 3] = k, -k
+                coder.conv_out.weight[c, 4 * c, 1, 1], coder.conv_out.weight[c, 4 * c + 1, 1, 1] = 1.0, -1.0
+            coder.conv_norm_out.weight.fill_(k / 2**0.5)
+            if n_out > channels:  # the encoder's log-variance channels
+                coder.conv_out.bias[channels:] = -30.0
+        for module in vae.modules():  # resnets keep only their skip path; GroupNorms stay well defined
+            if isinstance(module, torch.nn.GroupNorm) and module.weight.abs().sum() == 0:
+                module.weight.fill_(1.0)
+    return vae.eval()
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -147,6 +223,8 @@ def build_digits_pipeline(
     seed: int = 0,
     tokenizer_dir: str | Path | None = None,
     with_vae: bool = False,
+    with_pixel_vae: bool = False,
+    with_t5: bool = False,
     sample_size: int = IMAGE_SIZE,
     text_width: int = 32,
     num_layers: int = 4,
@@ -156,15 +234,17 @@ def build_digits_pipeline(
     """A randomly initialised, SD3-shaped ``StableDiffusion3Pipeline`` for ``sample_size``-pixel images.
 
     Two ``CLIPTextModelWithProjection`` encoders (width ``text_width``, 2 layers) share one small
-    CLIP BPE tokenizer (written to a temporary folder unless ``tokenizer_dir`` holds one); no T5
-    (encode prompts with ``max_sequence_length=0``). Without a VAE the transformer works on the
-    1-channel image itself (``sample_size`` x ``sample_size``, values in [-1, 1]); with
-    ``with_vae=True`` a tiny 1-channel ``AutoencoderKL`` (4 latent channels, downsampling 2) is
-    added and the transformer runs on its ``sample_size // 2`` latents. Modules in eval mode, as
+    CLIP BPE tokenizer (written to a temporary folder unless ``tokenizer_dir`` holds one). With
+    ``with_t5`` a 2-layer ``T5EncoderModel`` of the joint width and ``t5_tokenizer()``; without,
+    no T5 (encode prompts with ``max_sequence_length=0``). Without a learned VAE the transformer
+    works on the 1-channel image itself (``sample_size`` x ``sample_size``, values in [-1, 1]),
+    with no VAE or, ``with_pixel_vae``, the identity ``pixel_vae()``; with ``with_vae=True`` a
+    tiny 1-channel ``AutoencoderKL`` (4 latent channels, downsampling 2) is added and the
+    transformer runs on its ``sample_size // 2`` latents. Modules in eval mode, as
     ``from_pretrained`` returns them. Deterministic in ``seed``.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     if tokenizer_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -190,8 +270,25 @@ def build_digits_pipeline(
     )
     text_encoder = CLIPTextModelWithProjection(text_config)
     text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:
+        tokenizer_3 = t5_tokenizer()
+        t5_config = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=2 * text_width,
+            d_kv=16,
+            d_ff=4 * text_width,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+            decoder_start_token_id=tokenizer_3.pad_token_id,
+        )
+        text_encoder_3 = T5EncoderModel(t5_config)
 
-    vae = None
+    if with_vae and with_pixel_vae:
+        raise ValueError("with_vae and with_pixel_vae exclude each other")
+    vae = pixel_vae(1, sample_size) if with_pixel_vae else None
     channels, size = 1, sample_size
     if with_vae:
         vae = AutoencoderKL(
@@ -225,7 +322,7 @@ def build_digits_pipeline(
         pos_embed_max_size=max(size // 2, 1),
     )
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    for module in (text_encoder, text_encoder_2, vae, transformer):
+    for module in (text_encoder, text_encoder_2, text_encoder_3, vae, transformer):
         if module is not None:
             module.eval()  # as from_pretrained returns them
     return StableDiffusion3Pipeline(
@@ -236,8 +333,8 @@ def build_digits_pipeline(
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer,
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
 
 

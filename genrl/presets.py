@@ -27,10 +27,12 @@ class Preset:
     source: str
     """Where the values come from (repository and file of the reference code, or the paper)."""
     family: str | None = None
-    """The policy family it is for (control presets), or None (with ``algo`` None: any control run)."""
+    """The policy family it is for (control presets), or None (any family)."""
     algo: str | None = None
-    """The algorithm it is for (text-to-image presets), or None."""
+    """The algorithm it is for: a text-to-image algorithm, a control one ("sac"), or None (PPO)."""
     values: dict[str, Any] = field(default_factory=dict)
+    paper: bool = True
+    """Whether ``--preset paper`` may pick it (False: a peer library's defaults, not a paper's)."""
 
 
 _PRESETS = (
@@ -256,6 +258,32 @@ _PRESETS += (
     ),
 )
 
+_SAC_COMMON = {"batch_size": 256, "gamma": 0.99, "tau": 0.005, "policy_lr": 3e-4, "q_lr": 3e-4, "policy_frequency": 1,
+               "target_network_frequency": 1, "buffer_size": 1_000_000, "utd_ratio": 1.0, "alpha": "auto"}  # fmt: skip
+
+_PRESETS += (
+    Preset(
+        "sb3-sac",
+        "Stable-Baselines3's SAC defaults: lr 3e-4 for actor, critics and temperature, actor every step, learning starts 100",
+        "DLR-RM/stable-baselines3 sac/sac.py (SAC.__init__ defaults) and its MlpPolicy net_arch [256, 256]",
+        family="gaussian",
+        algo="sac",
+        values={"algo_config": {**_SAC_COMMON, "learning_starts": 100}, "policy_config": {"hidden_sizes": [256, 256], "activation": "relu"}},
+        paper=False,
+    ),
+    Preset(
+        "pmoe-sac",
+        "PMOE-SAC's official example: K = 4 tanh-Gaussian experts, [256, 256], lr 3e-4, 1000 random steps first",
+        "JieRen98/rlkit-pmoe examples/PMOEsac.py and rlkit/torch/PMOEsac (design notes, algorithms.md 6.2)",
+        family="pmoe",
+        algo="sac",
+        values={
+            "algo_config": {**_SAC_COMMON, "learning_starts": 1000},
+            "policy_config": {"n_experts": 4, "hidden_sizes": [256, 256], "activation": "relu", "estimator": "pmoe", "mixing_input": "features"},
+        },
+    ),
+)
+
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}
 
 
@@ -265,11 +293,19 @@ def resolve_preset(name: str, data: dict[str, Any]) -> Preset:
     from genrl.algos.grpo import ALGOS as IMAGE_ALGOS
 
     image = data.get("algo") in IMAGE_ALGOS
+    algo = data.get("algo", "ppo")
+    policy = data.get("policy", "gaussian")
+
+    def fits(p: Preset) -> bool:
+        if image:
+            return p.algo == algo
+        return p.algo not in IMAGE_ALGOS and (p.algo or "ppo") == algo and p.family in (None, policy)
+
     if name == "paper":
-        key = data.get("algo", "flow-grpo") if image else data.get("policy", "gaussian")
-        match = [p for p in _PRESETS if (p.algo if image else p.family) == key]
+        match = [p for p in _PRESETS if p.paper and (image or p.family is not None) and fits(p)]
         if not match:
-            raise ConfigError(f"no paper preset for {'algo' if image else 'policy'} '{key}'; presets: {', '.join(PRESETS)}")
+            what = f"algo '{algo}'" if image else (f"policy '{policy}'" if algo == "ppo" else f"--algo {algo} --policy {policy}")
+            raise ConfigError(f"no paper preset for {what}; presets: {', '.join(PRESETS)}")
         return match[0]
     if name not in PRESETS:
         import difflib
@@ -278,12 +314,17 @@ def resolve_preset(name: str, data: dict[str, Any]) -> Preset:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown preset '{name}'{hint} valid: paper, {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    if preset.family is None and preset.algo is None and image:
+    if preset.algo in IMAGE_ALGOS:
+        if not image or algo != preset.algo:
+            raise ConfigError(f"preset '{name}' is for --env t2i --algo {preset.algo}")
+        return preset
+    if image:
         raise ConfigError(f"preset '{name}' is for control runs, not --env t2i")
-    if preset.family is not None and (image or data.get("policy", "gaussian") != preset.family):
-        raise ConfigError(f"preset '{name}' is for --policy {preset.family}, not {data.get('policy', 'gaussian')!r}")
-    if preset.algo is not None and (not image or data.get("algo", "flow-grpo") != preset.algo):
-        raise ConfigError(f"preset '{name}' is for --env t2i --algo {preset.algo}")
+    wanted = ("--algo " + preset.algo + " " if preset.algo else "") + (f"--policy {preset.family}" if preset.family else "")
+    if (preset.algo or "ppo") != algo:
+        raise ConfigError(f"preset '{name}' is for {wanted.strip() or '--algo ppo'}, not --algo {algo}")
+    if preset.family is not None and policy != preset.family:
+        raise ConfigError(f"preset '{name}' is for {wanted.strip()}, not --policy {policy}")
     return preset
 
 

@@ -1,4 +1,4 @@
-"""Probabilistic Mixture-of-Experts policy (PMOE; Ren et al., arXiv 2104.09122) for PPO.
+"""Probabilistic Mixture-of-Experts policy (PMOE; Ren et al., arXiv 2104.09122) for PPO and SAC.
 
 pi(a|s) = sum_k alpha_k(s) N(a; mu_k(s), diag(sigma_k^2)): one shared trunk gives M expert means,
 each expert has its own state-independent log sigma, and a softmax mixing head gives alpha(s).
@@ -18,6 +18,19 @@ Only alpha learns from the mixing loss: expert samples are detached and Q's para
 there (Q learns only from its regression loss). Keep Q out of the policy's grad-norm clipping
 (``q_parameters``) if PPO gradients must match a Gaussian policy exactly at K = 1.
 
+SAC (``genrl.algos.pmoe_sac``, the official rlkit-pmoe ``TanhPMOEGaussianPolicy``) uses
+``squash = "tanh"``: expert k's action is tanh(u) rescaled to the action box (``set_action_box``)
+with u ~ N(mu_k, sigma_k^2), log sigma a state-dependent head on the trunk's last hidden layer
+(``state_dependent_std``) clamped to [-20, 2], alpha on the detached features
+(``mixing_input = "features"``). Log-densities are those of tanh(u) in [-1, 1]^A, as the Gaussian
+family's: each expert's density carries the tanh Jacobian before the mixture's logsumexp.
+``rsample_experts`` draws one reparameterised action per expert with each expert's *own*
+log-density (the PMOE estimator scores them all); ``rsample`` draws k ~ Cat(alpha), then expert
+k's reparameterised action, and returns expert k's own log-density (not the mixture's: what the
+official critic target uses); ``rsample_relaxed`` blends the experts with Gumbel-Softmax weights
+(the Gumbel baseline) and returns the mixture's log-density of the blend. SAC does not use the
+auxiliary Q (its twin critic scores the experts) and does not train it.
+
 Shapes: B batch, A action dim, M experts (``n_experts``, K in the paper), D obs dim.
 """
 
@@ -26,12 +39,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from genrl_policies.base import PolicyModule, check_detached
+from genrl_policies.gaussian import LOG_STD_MAX, LOG_STD_MIN, SQUASHES, GaussianPolicy, tanh_log_det_jacobian
 from genrl_policies.nets import ACTIVATIONS, LOG_SQRT_2PI, MLP, diag_gaussian_log_prob, mlp
 
 ESTIMATORS = ("pmoe", "gumbel", "score")
@@ -47,9 +62,16 @@ class PMOEConfig:
     """Hidden layer widths of the shared actor trunk."""
     activation: str = "tanh"
     log_std_init: float = 0.0
-    """Initial state-independent log sigma of every expert and action dimension."""
+    """Initial log sigma of every expert and action dimension (the bias of the head if state-dependent)."""
+    squash: str = "none"
+    """"none": unbounded experts (PPO; the env clips); "tanh": every expert's sample squashed by tanh
+    and rescaled to the action box, log-probs with the tanh Jacobian, log sigma in [-20, 2] (SAC)."""
+    state_dependent_std: bool = False
+    """If true, every expert's log sigma is a head on the trunk's last hidden layer (official
+    PMOE-SAC code) instead of a free parameter."""
     estimator: str = "pmoe"
-    """Mixing-weight gradient estimator: "pmoe" | "gumbel" | "score"."""
+    """Mixing-weight gradient estimator: "pmoe" | "gumbel" | "score" (PPO's auxiliary loss here;
+    under --algo sac the whole actor loss, ``genrl.algos.pmoe_sac``)."""
     gumbel_tau: float = 1.0
     gumbel_hard: bool = False
     """Straight-through Gumbel-Softmax: exact one-hot forward, relaxed backward."""
@@ -75,6 +97,7 @@ class PMOEConfig:
             raise ValueError(f"log_std_init must be finite, got {self.log_std_init}")
         for name, value, valid in (
             ("estimator", self.estimator, ESTIMATORS),
+            ("squash", self.squash, SQUASHES),
             ("mixing_input", self.mixing_input, MIXING_INPUTS),
             ("deterministic_expert", self.deterministic_expert, DETERMINISTIC_EXPERTS),
         ):
@@ -108,15 +131,15 @@ def gumbel_softmax_weights(logits: Tensor, tau: float, hard: bool = False, gener
     return one_hot + (y - y.detach())  # forward: exactly one_hot
 
 
-def score_function_surrogate(log_alpha: Tensor, q: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def score_function_surrogate(log_alpha: Tensor, q: Tensor, generator: torch.Generator | None = None, index: Tensor | None = None) -> Tensor:
     """Per-sample REINFORCE surrogate, (B, M), (B, M) -> (B,).
 
-    k ~ Cat(alpha), returns log alpha_k * (q_k - b) with the baseline b = sum_j alpha_j q_j and
-    everything but log alpha_k detached; its gradient is an unbiased estimate of
-    grad sum_k alpha_k q_k.
+    k ~ Cat(alpha) (or the given ``index`` (B,), drawn so by the caller), returns
+    log alpha_k * (q_k - b) with the baseline b = sum_j alpha_j q_j and everything but log alpha_k
+    detached; its gradient is an unbiased estimate of grad sum_k alpha_k q_k.
     """
     alpha = log_alpha.detach().exp()
-    k = torch.multinomial(alpha, 1, generator=generator)  # (B, 1)
+    k = torch.multinomial(alpha, 1, generator=generator) if index is None else index[:, None]  # (B, 1)
     baseline = (alpha * q.detach()).sum(-1)  # (B,)
     advantage = q.detach().gather(-1, k).squeeze(-1) - baseline
     return log_alpha.gather(-1, k).squeeze(-1) * advantage
@@ -138,10 +161,19 @@ class PMOEPolicy(PolicyModule):
         trunk = mlp(obs_dim, hidden[:-1], hidden[-1], cfg.activation, out_gain=math.sqrt(2.0))
         self.trunk = MLP(*trunk, ACTIVATIONS[cfg.activation]())
         self.mean_head = mlp(hidden[-1], (), m * action_dim, out_gain=0.01)[0]
-        self.log_std = nn.Parameter(torch.full((m, action_dim), float(cfg.log_std_init)))
+        if cfg.state_dependent_std:  # rows k*A..(k+1)*A: expert k, as the mean head's
+            self.log_std_head = mlp(hidden[-1], (), m * action_dim, out_gain=0.01)[0]
+            with torch.no_grad():
+                self.log_std_head.bias.fill_(float(cfg.log_std_init))
+        else:
+            self.log_std = nn.Parameter(torch.full((m, action_dim), float(cfg.log_std_init)))
         mix_in = obs_dim if cfg.mixing_input == "obs" else hidden[-1]
         self.mixing_head = mlp(mix_in, (), m, out_gain=0.01)[0]  # near-uniform alpha at init
         self.q = mlp(obs_dim + action_dim, tuple(int(h) for h in cfg.q_hidden_sizes), 1, "relu")
+        self.squashed = cfg.squash == "tanh"
+        if self.squashed:  # a = tanh(u) * action_scale + action_offset; [-1, 1] until set_action_box
+            self.register_buffer("action_scale", torch.ones(action_dim))
+            self.register_buffer("action_offset", torch.zeros(action_dim))
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         """The auxiliary Q-network: kept out of the policy's gradient-norm clipping (§9.6)."""
@@ -151,12 +183,29 @@ class PMOEPolicy(PolicyModule):
         """Parameters of the auxiliary Q network (not part of pi)."""
         return self.q.parameters()
 
+    def set_action_box(self, low: Any, high: Any) -> None:
+        """Squash into the box [low, high] ((A,) arrays or tensors, finite); saved with the weights."""
+        if not self.squashed:
+            raise ValueError("set_action_box needs squash = 'tanh'")
+        GaussianPolicy.set_action_box(self, low, high)  # type: ignore[arg-type]  # the same checks and buffers
+
+    def squash(self, u: Tensor) -> Tensor:
+        """tanh(u) rescaled to the action box."""
+        return torch.tanh(u) * self.action_scale + self.action_offset
+
     def mixture(self, obs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(log alpha (B, M), means (B, M, A), log_std (M, A))."""
+        """(log alpha (B, M), means (B, M, A), log_std (M, A), or (B, M, A) if state-dependent);
+        under the squash: of u, log sigma clamped to [-20, 2]."""
         features = self.trunk(obs)  # (B, H)
         means = self.mean_head(features).view(obs.shape[0], self.n_experts, self.action_dim)
+        if self.config.state_dependent_std:
+            log_std = self.log_std_head(features).view(obs.shape[0], self.n_experts, self.action_dim)
+        else:
+            log_std = self.log_std
+        if self.squashed:
+            log_std = log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
         mix_in = obs if self.config.mixing_input == "obs" else features.detach()
-        return torch.log_softmax(self.mixing_head(mix_in), dim=-1), means, self.log_std
+        return torch.log_softmax(self.mixing_head(mix_in), dim=-1), means, log_std
 
     def q_value(self, obs: Tensor, action: Tensor, *, frozen: bool = False) -> Tensor:
         """Q(s, a): obs (B, D), action (B, A) -> (B,) or (B, M, A) -> (B, M).
@@ -171,48 +220,109 @@ class PMOEPolicy(PolicyModule):
             return torch.func.functional_call(self.q, params, (x,)).squeeze(-1)
         return self.q(x).squeeze(-1)
 
+    def sample_expert(self, log_alpha: Tensor, generator: torch.Generator | None) -> Tensor:
+        """k ~ Cat(alpha), (B,); nothing drawn for M = 1 (the same random stream as a Gaussian)."""
+        if self.n_experts == 1:
+            return torch.zeros(log_alpha.shape[0], dtype=torch.long, device=log_alpha.device)
+        return torch.multinomial(log_alpha.exp(), 1, generator=generator).squeeze(-1)
+
+    @staticmethod
+    def _expert_log_std(log_std: Tensor, k: Tensor) -> Tensor:
+        """Expert k's log sigma per row, (B, A), from (M, A) or (B, M, A)."""
+        return log_std[k] if log_std.ndim == 2 else log_std[torch.arange(k.shape[0], device=k.device), k]
+
     def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, PMOERecord]:
         """k ~ Cat(alpha(s)), a ~ N(mu_k, sigma_k). ``deterministic`` gives a = mu_k, with k still
-        *sampled* from alpha (official code) unless ``deterministic_expert="argmax"``."""
+        *sampled* from alpha (official code) unless ``deterministic_expert="argmax"``. Under the
+        squash the env gets the squashed action and the record keeps u, before it."""
         self.check_obs(obs)
         log_alpha, means, log_std = self.mixture(obs)
-        if self.n_experts == 1:  # nothing to draw: the same random stream as a Gaussian policy
-            k = torch.zeros(obs.shape[0], dtype=torch.long, device=obs.device)
-        elif deterministic and self.config.deterministic_expert == "argmax":
+        if deterministic and self.config.deterministic_expert == "argmax" and self.n_experts > 1:
             k = log_alpha.argmax(-1)
         else:
-            k = torch.multinomial(log_alpha.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            k = self.sample_expert(log_alpha, generator)  # (B,)
         mean = means[torch.arange(obs.shape[0], device=obs.device), k]  # (B, A)
         if deterministic:
             action = mean
         else:
             noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-            action = mean + noise * log_std[k].exp()
+            action = mean + noise * self._expert_log_std(log_std, k).exp()
         log_prob = self._mixture_log_prob(action, log_alpha, means, log_std)
-        return action.detach(), PMOERecord(action.detach(), log_prob.detach())
+        out = self.squash(action) if self.squashed else action
+        return out.detach(), PMOERecord(action.detach(), log_prob.detach())
 
-    @staticmethod
-    def _mixture_log_prob(action: Tensor, log_alpha: Tensor, means: Tensor, log_std: Tensor) -> Tensor:
+    def _mixture_log_prob(self, action: Tensor, log_alpha: Tensor, means: Tensor, log_std: Tensor) -> Tensor:
+        """log sum_k alpha_k pi_k(action) via logsumexp, (B,); under the squash ``action`` is u and
+        every expert's density carries the tanh Jacobian (that of tanh(u)) before the logsumexp."""
         per_expert = diag_gaussian_log_prob(action.unsqueeze(-2), means, log_std)  # (B, M)
+        if self.squashed:
+            per_expert = per_expert - tanh_log_det_jacobian(action).sum(-1, keepdim=True)
         return torch.logsumexp(log_alpha + per_expert, dim=-1)  # (B,)
 
     def log_prob(self, obs: Tensor, action: Tensor) -> Tensor:
-        """log sum_k alpha_k N(a; mu_k, sigma_k) via logsumexp, shape (B,)."""
+        """log sum_k alpha_k pi_k(a|s) via logsumexp, shape (B,), of an action as ``act`` returns it
+        (in the box under the squash: inverted, actions on the edge pulled just inside)."""
+        if self.squashed:
+            eps = torch.finfo(action.dtype).eps
+            action = torch.atanh(((action - self.action_offset) / self.action_scale).clamp(-1.0 + eps, 1.0 - eps))
         return self._mixture_log_prob(action, *self.mixture(obs))
 
     def log_ratio(self, obs: Tensor, record: PMOERecord) -> Tensor:
         check_detached(record)
         self.check_obs(obs)
+        if self.squashed:
+            return self._mixture_log_prob(record.action, *self.mixture(obs)) - record.log_prob
         return self.log_prob(obs, record.action) - record.log_prob
+
+    # -- reparameterised samples (SAC) -----------------------------------------------------------
+    def rsample_experts(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """One reparameterised action per expert: (action (B, M, A), each expert's own log-density
+        of its action (B, M), log alpha (B, M)), differentiable in the parameters."""
+        self.check_obs(obs)
+        log_alpha, means, log_std = self.mixture(obs)
+        noise = torch.randn(means.shape, generator=generator, dtype=means.dtype, device=means.device)
+        u = means + noise * log_std.exp()
+        log_prob = (-0.5 * noise.square() - log_std - LOG_SQRT_2PI).sum(-1)  # log N(u; mu_k, sigma_k), (B, M)
+        if not self.squashed:
+            return u, log_prob, log_alpha
+        return self.squash(u), log_prob - tanh_log_det_jacobian(u).sum(-1), log_alpha
+
+    def rsample(self, obs: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """k ~ Cat(alpha(s)), then expert k's reparameterised action: (action (B, A), log pi_k(a|s)
+        (B,)), expert k's *own* log-density (the official critic target's), not the mixture's."""
+        self.check_obs(obs)
+        log_alpha, means, log_std = self.mixture(obs)
+        k = self.sample_expert(log_alpha, generator)
+        mean, expert_log_std = means[torch.arange(obs.shape[0], device=obs.device), k], self._expert_log_std(log_std, k)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        u = mean + noise * expert_log_std.exp()
+        log_prob = (-0.5 * noise.square() - expert_log_std - LOG_SQRT_2PI).sum(-1)
+        if not self.squashed:
+            return u, log_prob
+        return self.squash(u), log_prob - tanh_log_det_jacobian(u).sum(-1)
+
+    def rsample_relaxed(self, obs: Tensor, tau: float, hard: bool, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Gumbel-Softmax blend of one reparameterised u_k per expert: u = sum_k y_k u_k with
+        y = ``gumbel_softmax_weights(log alpha, tau, hard)``, a = squash(u) (the blend is taken
+        before the squash, so a = sum_k y_k a_k whenever y is one-hot). Returns (a (B, A), the
+        mixture's log-density log pi(a|s) (B,), log alpha (B, M)), all differentiable."""
+        self.check_obs(obs)
+        log_alpha, means, log_std = self.mixture(obs)
+        noise = torch.randn(means.shape, generator=generator, dtype=means.dtype, device=means.device)
+        y = gumbel_softmax_weights(log_alpha, tau, hard, generator)  # (B, M)
+        u = (y.unsqueeze(-1) * (means + noise * log_std.exp())).sum(-2)  # (B, A)
+        log_prob = self._mixture_log_prob(u, log_alpha, means, log_std)
+        return (self.squash(u) if self.squashed else u), log_prob, log_alpha
 
     def regularizer(self, obs: Tensor, record: PMOERecord) -> Tensor:
         """Entropy upper bound H(alpha) + sum_k alpha_k H(N_k), shape (B,).
 
         A mixture has no closed-form entropy; this bound (H[a] <= H[a, k]) is differentiable and
-        noise-free, unlike -log pi(a|s) at one sample, and is exact for M = 1.
+        noise-free, unlike -log pi(a|s) at one sample, and is exact for M = 1 (under the squash:
+        of u, before it).
         """
         log_alpha, _, log_std = self.mixture(obs)
-        expert_entropy = (log_std + LOG_SQRT_2PI + 0.5).sum(-1)  # (M,)
+        expert_entropy = (log_std + LOG_SQRT_2PI + 0.5).sum(-1)  # (M,) or (B, M)
         alpha = log_alpha.exp()
         return -(alpha * log_alpha).sum(-1) + (alpha * expert_entropy).sum(-1)
 
@@ -220,7 +330,8 @@ class PMOEPolicy(PolicyModule):
         """The configured estimator's loss for alpha (scalar); experts and Q get no gradient."""
         log_alpha, means, log_std = self.mixture(obs)
         noise = torch.randn(means.shape, generator=generator, dtype=means.dtype, device=means.device)
-        samples = (means + noise * log_std.exp()).detach()  # (B, M, A) one per expert
+        samples = means + noise * log_std.exp()
+        samples = (self.squash(samples) if self.squashed else samples).detach()  # (B, M, A) one per expert
         estimator = self.config.estimator
         if estimator == "gumbel":
             y = gumbel_softmax_weights(log_alpha, self.config.gumbel_tau, self.config.gumbel_hard, generator)

@@ -1,34 +1,39 @@
 """Pretrain the tiny digits text-to-image flow model shipped in ``assets/digits-sd3``.
 
-    python scripts/pretrain_digits.py                # the shipped base, under-trained on purpose (~1.5 min)
-    python scripts/pretrain_digits.py --steps 3000 --lr 1e-3 --out runs/digits-sd3-full   # fully trained (~10 min)
+    python scripts/pretrain_digits.py                # the shipped base, under-trained on purpose (~3.5 min)
+    python scripts/pretrain_digits.py --steps 3000 --lr 1e-3 --out runs/digits-sd3-full   # fully trained (~25 min)
 
 A ``StableDiffusion3Pipeline`` built by ``envs.digits.build_digits_pipeline`` (SD3 transformer,
-two small CLIP text encoders, pixel space, no VAE) is trained from scratch on sklearn's 8x8 digits
-with SD3's rectified-flow loss: x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, sigma from
-a logit-normal(0, 1), timestep = 1000 sigma. The transformer and both text encoders are trained
-jointly; each image gets a random template prompt for its label ("a handwritten 7", "the digit
-seven", ...), replaced by "" 10% of the time (for classifier-free guidance).
+two small CLIP text encoders and a small T5 encoder, pixel space with the identity
+``pixel_vae``) is trained from scratch on sklearn's 8x8 digits with SD3's rectified-flow loss:
+x_sigma = (1 - sigma) x0 + sigma eps, target eps - x0, sigma from a logit-normal(0, 1), timestep
+= 1000 sigma. The transformer and the three text encoders are trained jointly; each image gets a
+random template prompt for its label ("a handwritten 7", "the digit seven", ...), replaced by ""
+10% of the time (for classifier-free guidance). Each step encodes the prompts with 8 T5 tokens
+(the model's own length, ``genrl_t2i.json``), or with diffusers' default of 256 a quarter of the
+time, so that a plain ``pipe(prompt)`` draws digits too.
 
 Every ``--eval-every`` steps the model samples 16 images per prompt "a handwritten {d}" with a
-10-step Euler ODE sampler at CFG 1.0 (the shipped sampling defaults) and ``DigitClassifier``
+10-step Euler ODE sampler at CFG 1.0 and 8 T5 tokens (the shipped sampling defaults) and ``DigitClassifier``
 scores them: acc (argmax == prompted digit), p (mean p(prompted digit)), pmax (mean max class
 probability: how digit-like the samples are, whatever the digit).
 
 The default ``--steps`` deliberately stops early: the base draws digit-like images but the
 prompted digit only part of the time, leaving headroom for RL fine-tuning with the classifier
-reward. Measured (defaults: batch 128, AdamW lr 3e-4, 2 CPU threads, ~7 it/s):
+reward. Measured (defaults: batch 128, AdamW lr 3e-4, 2 CPU threads shared with another job,
+~2 it/s):
 
-    step    50   100   150   200   250   300   350   400
-    acc   .081  .069  .062  .106  .162  .225  .425  .587
-    p     .082  .076  .084  .106  .133  .188  .341  .475
-    pmax  .479  .524  .524  .517  .532  .554  .580  .651
+    step    50   100   150   200   250   300   350   400   450   500   550   600
+    acc   .075  .056  .094  .075  .100  .169  .244  .425  .656  .688  .775  .819
+    p     .084  .075  .080  .084  .098  .140  .207  .350  .532  .579  .676  .715
+    pmax  .496  .516  .533  .511  .516  .519  .535  .579  .689  .722  .781  .794
 
-Until ~200 steps the samples are digit-like but ignore the prompt; the text conditioning then
-comes in. The shipped 400-step base reaches acc .84 / p .75 at CFG 2 and acc .93 / p .84 at CFG 3,
-so RL at CFG 1 has a known reachable target. ``--steps 3000 --lr 1e-3`` reaches acc ~.98 / p ~.93.
+Until ~300 steps the samples are digit-like but ignore the prompt; the text conditioning then
+comes in. At 600 steps diffusers' default of 256 T5 tokens scores acc .788 / p .698 against
+.819 / .715 with the model's own 8, so both lengths work. ``--steps 3000 --lr 1e-3`` trains a
+fully converged model.
 
-Writes ``save_pretrained`` (safetensors, ~2.7 MB) + ``genrl_t2i.json`` (sampling defaults) to
+Writes ``save_pretrained`` (safetensors, ~3 MB) + ``genrl_t2i.json`` (sampling defaults) to
 ``--out``. Bitwise reproducible: fixed seeds, fixed data order, 2 threads, deterministic algorithms.
 """
 
@@ -51,24 +56,25 @@ from genrl_envs.digits import (  # noqa: E402
     SAMPLING_DEFAULTS,
     DigitClassifier,
     all_digit_prompts,
+    T5_TOKENS,
     build_digits_pipeline,
     digit_prompts,
     load_digits,
 )
 
-DEFAULT_STEPS = 400  # at lr 3e-4: acc .59, mean p(prompted digit) .48 (see the module docstring)
+DEFAULT_STEPS = 450  # at lr 3e-4: acc .66, mean p(prompted digit) .53 (see the module docstring)
 
 
-def encode(pipe, prompts: list[str], cfg: bool = False):
-    """``pipe.encode_prompt`` as SD3 calls it, T5 dropped (max_sequence_length=0)."""
-    return pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=cfg, max_sequence_length=0)
+def encode(pipe, prompts: list[str], cfg: bool = False, t5_tokens: int = T5_TOKENS):
+    """``pipe.encode_prompt`` as SD3 calls it, with ``t5_tokens`` T5 tokens."""
+    return pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=cfg, max_sequence_length=t5_tokens)
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], n_per_prompt: int, steps: int, guidance: float, seed: int) -> torch.Tensor:
+def sample(pipe, prompts: list[str], n_per_prompt: int, steps: int, guidance: float, seed: int, t5_tokens: int = T5_TOKENS) -> torch.Tensor:
     """Euler ODE sampling from sigma=1 (noise) to 0: (len(prompts) * n_per_prompt, C, H, W) in [-1, 1]."""
     cfg = guidance > 1.0
-    pe, npe, pp, npp = encode(pipe, [p for p in prompts for _ in range(n_per_prompt)], cfg)
+    pe, npe, pp, npp = encode(pipe, [p for p in prompts for _ in range(n_per_prompt)], cfg, t5_tokens)
     if cfg:
         pe, pp = torch.cat([npe, pe]), torch.cat([npp, pp])
     cfg_t = pipe.transformer.config
@@ -87,9 +93,9 @@ def sample(pipe, prompts: list[str], n_per_prompt: int, steps: int, guidance: fl
     return x.clamp(-1.0, 1.0)
 
 
-def evaluate(pipe, clf: DigitClassifier, n_per_prompt: int = 16, steps: int = 10, guidance: float = 1.0, seed: int = 1234):
+def evaluate(pipe, clf: DigitClassifier, n_per_prompt: int = 16, steps: int = 10, guidance: float = 1.0, seed: int = 1234, t5_tokens: int = T5_TOKENS):
     """(acc, mean p(prompted digit), mean max p, samples) over the prompts "a handwritten {d}", d = 0..9."""
-    x = sample(pipe, digit_prompts(), n_per_prompt, steps, guidance, seed)
+    x = sample(pipe, digit_prompts(), n_per_prompt, steps, guidance, seed, t5_tokens)
     probs = clf.predict_proba((x + 1.0) / 2.0)
     target = torch.arange(10).repeat_interleave(n_per_prompt)
     acc = (probs.argmax(1) == target).float().mean().item()
@@ -115,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--prompt-dropout", type=float, default=0.1)
+    ap.add_argument("--long-t5-fraction", type=float, default=0.25, help="share of steps encoding prompts with 256 T5 tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="assets/digits-sd3")
     args = ap.parse_args()
@@ -127,8 +134,8 @@ def main() -> None:
 
     images, labels = load_digits()
     clf = DigitClassifier()
-    pipe = build_digits_pipeline(seed=args.seed)
-    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
+    pipe = build_digits_pipeline(seed=args.seed, with_t5=True, with_pixel_vae=True)
+    modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
     for m in modules:
         m.train()
     params = [p for m in modules for p in m.parameters()]
@@ -145,12 +152,12 @@ def main() -> None:
     prompts = [""] + [p for v in variants for p in v]
     table = torch.arange(1, len(prompts)).view(10, -1)  # (digit, variant) -> prompt index
 
-    def evaluate_and_print(step: int) -> torch.Tensor:
+    def evaluate_and_print(step: int, t5_tokens: int = T5_TOKENS) -> torch.Tensor:
         for m in modules:
             m.eval()
         t0 = time.perf_counter()
-        acc, p, pmax, x = evaluate(pipe, clf)
-        print(f"eval step {step:5d}: acc {acc:.3f}  p {p:.3f}  pmax {pmax:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
+        acc, p, pmax, x = evaluate(pipe, clf, t5_tokens=t5_tokens)
+        print(f"eval step {step:5d}, {t5_tokens} T5 tokens: acc {acc:.3f}  p {p:.3f}  pmax {pmax:.3f}  ({time.perf_counter() - t0:.1f}s)", flush=True)
         for m in modules:
             m.train()
         return x
@@ -169,7 +176,8 @@ def main() -> None:
         variant = torch.randint(table.shape[1], (b,), generator=gen)
         prompt_idx = table[y, variant]
         prompt_idx[torch.rand(b, generator=gen) < args.prompt_dropout] = 0
-        pe, _, pp, _ = encode(pipe, prompts)  # every prompt once (61), gathered below: gradients reach both encoders
+        t5_tokens = 256 if torch.rand((), generator=gen) < args.long_t5_fraction else T5_TOKENS
+        pe, _, pp, _ = encode(pipe, prompts, t5_tokens=t5_tokens)  # every prompt once (61), gathered below: gradients reach the encoders
         pe, pp = pe[prompt_idx], pp[prompt_idx]
 
         sigma = torch.sigmoid(torch.randn(b, generator=gen))  # logit-normal(0, 1)
@@ -190,6 +198,7 @@ def main() -> None:
         if step % args.eval_every == 0 and step != args.steps:
             evaluate_and_print(step)
     train_s = time.perf_counter() - t_train
+    evaluate_and_print(args.steps, t5_tokens=256)
     x = evaluate_and_print(args.steps)
     print("one sample per prompt 'a handwritten {d}', d = 0..9:")
     print(ascii_digits(x[::16]))

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from genrl_envs.digits import (  # noqa: E402
     DIGIT_WORDS,
+    T5_TOKENS,
     DigitClassifier,
     all_digit_prompts,
     build_digits_pipeline,
@@ -27,6 +28,8 @@ from genrl_envs.digits import (  # noqa: E402
     load_digits,
     load_digits_pipeline,
     parse_digit,
+    pixel_vae,
+    t5_tokenizer,
     write_clip_bpe_tokenizer,
 )
 
@@ -142,21 +145,57 @@ def test_save_load_round_trip_with_vae(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not (ASSET / "model_index.json").exists(), reason="assets/digits-sd3 not built")
-def test_shipped_base_loads() -> None:
+def test_shipped_base_runs_in_diffusers_verbatim() -> None:
+    """The README's snippet: from_pretrained with no components passed by hand, pipe(prompt).images[0]."""
     from diffusers import StableDiffusion3Pipeline
 
-    index = json.loads((ASSET / "model_index.json").read_text())
-    missing = {k: None for k, v in index.items() if v == [None, None]}
-    assert {"vae", "text_encoder_3", "tokenizer_3"} <= set(missing)
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(ASSET), **missing)
-    assert pipe.vae is None and pipe.transformer.config.in_channels == 1 and pipe.transformer.config.sample_size == 8
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(ASSET))
+    assert pipe.vae is not None and pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None
+    assert pipe.transformer.config.in_channels == 1 and pipe.transformer.config.sample_size == 8
     sidecar = json.loads((ASSET / "genrl_t2i.json").read_text())
-    assert sidecar == {"resolution": 8, "max_sequence_length": 0, "guidance_scale": 1.0, "num_inference_steps": 10, "prompts": "digits"}
+    assert sidecar == {"resolution": 8, "max_sequence_length": T5_TOKENS, "guidance_scale": 1.0, "num_inference_steps": 10, "prompts": "digits"}
+    assert pipe.tokenizer_3.model_max_length == T5_TOKENS
     size = sum(f.stat().st_size for f in ASSET.rglob("*") if f.is_file())
     assert size < 4_000_000
-    # the SD3 pipeline's own sampler runs it (vae=None: default height 64 -> 8x8 "latents" = images)
-    out = pipe(digit_prompts()[:2], num_inference_steps=2, guidance_scale=1.0, output_type="latent", max_sequence_length=0, generator=torch.Generator().manual_seed(0))
-    assert out.images.shape == (2, 1, 8, 8)
+    image = pipe("a handwritten 3", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (8, 8) and image.mode == "L"
+    # images = latents / 2 + 0.5 (the identity VAE), the model's own T5 length and diffusers' default agree in shape
+    kw = dict(num_inference_steps=3, guidance_scale=1.0)
+    for length in (T5_TOKENS, 256):
+        latents = pipe(digit_prompts()[:2], output_type="latent", max_sequence_length=length, generator=torch.Generator().manual_seed(1), **kw).images
+        images = pipe(digit_prompts()[:2], output_type="pt", max_sequence_length=length, generator=torch.Generator().manual_seed(1), **kw).images
+        assert latents.shape == images.shape == (2, 1, 8, 8)
+        assert torch.allclose(images, (latents / 2 + 0.5).clamp(0, 1), atol=1e-5)
+
+
+def test_pixel_vae_is_the_identity(tmp_path: Path) -> None:
+    vae = pixel_vae()
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert (vae.decode(x).sample - x).abs().max() < 1e-5
+        posterior = vae.encode(x).latent_dist
+        assert (posterior.mean - x).abs().max() < 1e-5 and posterior.std.max() < 1e-6
+    vae.save_pretrained(tmp_path)
+    from diffusers import AutoencoderKL
+
+    with torch.no_grad():
+        assert (AutoencoderKL.from_pretrained(tmp_path).decode(x).sample - x).abs().max() < 1e-5
+    three = pixel_vae(channels=3)
+    rgb = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.no_grad():
+        assert (three.decode(rgb).sample - rgb).abs().max() < 1e-5
+
+
+def test_t5_tokenizer_round_trip(tmp_path: Path) -> None:
+    tok = t5_tokenizer()
+    ids = tok(["a handwritten 7", "the digit seven"], padding="max_length", max_length=T5_TOKENS, truncation=True).input_ids
+    assert all(len(row) == T5_TOKENS for row in ids)
+    assert ids[0][:4] == [tok.convert_tokens_to_ids("▁a"), tok.convert_tokens_to_ids("▁handwritten"), tok.convert_tokens_to_ids("▁7"), tok.eos_token_id]
+    assert ids[0][4:] == [tok.pad_token_id] * 4
+    tok.save_pretrained(tmp_path)
+    from transformers import T5TokenizerFast
+
+    assert T5TokenizerFast.from_pretrained(tmp_path)(["the digit seven"]).input_ids == tok(["the digit seven"]).input_ids
 
 
 def test_import_is_light() -> None:

@@ -211,12 +211,15 @@ def test_every_preset_builds_the_values_the_readme_lists() -> None:
         assert {k: v for n, k, v in rows if n == name} == flatten(preset.values)  # the table is complete
     for name, key, value in rows:
         preset = PRESETS[name]
-        base = {"env": "t2i", "algo": preset.algo} if preset.algo else {"policy": preset.family or "gaussian"}
+        image = preset.algo in ("flow-grpo", "g2rpo")
+        base = {"env": "t2i", "algo": preset.algo} if image else {"algo": preset.algo or "ppo", "policy": preset.family or "gaussian"}
         cfg = config_from_dict({**base, "preset": name})
         assert cfg.preset == name
         section, field = key.split(".", 1)
         if section == "policy_config":
             got = getattr(cfg.policy_config_object(), field)
+        elif section == "algo_config":
+            got = getattr(cfg.algo_config_object(), field)
         else:
             got = getattr(getattr(cfg, section), field)
         expected = tuple(value) if isinstance(value, list) else value
@@ -294,3 +297,22 @@ def test_new_ppo_options_are_validated() -> None:
         PPOConfig(weight_decay=1e-4)
     with pytest.raises(ConfigError, match="vf_clip_mode"):
         PPOConfig(vf_clip_mode="min")
+
+
+def test_sac_presets_key_on_the_control_algorithm() -> None:
+    from genrl.config import config_from_dict
+    from genrl.errors import ConfigError
+
+    cfg = config_from_dict({"algo": "sac", "policy": "pmoe", "preset": "paper", "env": {"env_id": "Pendulum-v1"}})
+    assert cfg.preset == "pmoe-sac" and cfg.algo_config_object().learning_starts == 1000 and cfg.policy_config_object().n_experts == 4
+    cfg = config_from_dict({"algo": "sac", "preset": "sb3-sac", "algo_config": {"batch_size": 64}})
+    assert cfg.algo_config_object().policy_frequency == 1 and cfg.algo_config_object().batch_size == 64  # the user's value wins
+    assert config_from_dict({"policy": "pmoe", "preset": "paper"}).preset == "pmoe"  # PPO keeps its own paper preset
+    for data, msg in (
+        ({"algo": "sac", "preset": "paper"}, "no paper preset for --algo sac --policy gaussian"),
+        ({"preset": "sb3-sac"}, "is for --algo sac --policy gaussian, not --algo ppo"),
+        ({"algo": "sac", "policy": "fpo", "preset": "fpo"}, "is for --policy fpo, not --algo sac"),
+        ({"algo": "sac", "policy": "pmoe", "preset": "sb3-sac"}, "not --policy pmoe"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            config_from_dict(data)

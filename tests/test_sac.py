@@ -276,7 +276,8 @@ def test_sac_temperature_spellings() -> None:
 @pytest.mark.parametrize(
     ("policy", "policy_config", "match"),
     [
-        ("pmoe", {}, "--policy gaussian"),
+        ("policyflow", {}, "--policy gaussian or pmoe"),
+        ("pmoe", {"squash": "none"}, "squash = 'tanh'"),
         ("gaussian", {"state_dependent_std": False}, "state_dependent_std = true"),
         ("gaussian", {"squash": "none"}, "squash = 'tanh'"),
     ],

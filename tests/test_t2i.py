@@ -323,7 +323,7 @@ def test_nonfinite_loss_stops_with_a_message(model_dir: Path) -> None:
 def test_digits_model_loads_through_the_model_id() -> None:
     env = TextToImageEnv("digits", rewards="digit")
     assert env.prompts and env.latent_shape == (1, 8, 8)
-    assert env.max_sequence_length == 0
+    assert env.max_sequence_length == 8 and env.pipe.vae is not None and env.pipe.text_encoder_3 is not None
 
 
 def test_half_precision_model_keeps_float32_latents_and_adapters(model_dir: Path) -> None:

@@ -5,9 +5,9 @@ Shape legend: N envs, O obs dim, A action dim, B batch, R buffer rows (one per e
 transitions each), n the return horizon (``n_step``).
 
 Each env step stores N transitions (obs, action, reward, next obs, terminated) in a replay buffer
-preallocated on the device; the next obs is the true last observation where an episode ended
-(``final_obs``), so a time limit bootstraps and a termination does not. Actions are uniform in
-the action box before ``learning_starts``, the policy's samples after; from then on
+preallocated on the device (``genrl.replay``); the next obs is the true last observation where an
+episode ended (``final_obs``), so a time limit bootstraps and a termination does not. Actions are
+uniform in the action box before ``learning_starts``, the policy's samples after; from then on
 ``utd_ratio`` gradient steps run per transition, each on a batch drawn uniformly (with
 replacement, by index, with the algorithm's generator):
 
@@ -26,8 +26,10 @@ The actor is the gaussian family with ``squash = "tanh"`` and ``state_dependent_
 [256, 256] ReLU as the references, and the env without running normalisation: ``SAC_DEFAULTS``,
 laid under the run's config when it is parsed (so ``config.json`` shows them; the user's own
 values win). SAC stores the env's action box in the policy, so an exported agent acts in the box
-on its own. Log-probs are those of the squashed action in [-1, 1]^A (SB3's convention:
-the target entropy -A does not depend on the box's units).
+on its own. Log-probs are those of the squashed action in [-1, 1]^A (SB3's convention: the
+target entropy -A does not depend on the box's units). ``--policy pmoe`` is PMOE-SAC
+(``genrl.algos.pmoe_sac``: a mixture of K squashed experts, its own actor loss, an expert sampled
+from the mixture in the critic target).
 
 Where CleanRL and SB3 differ, genrl takes: CleanRL's learning rates, learning start and delayed
 actor (``SACConfig``), its critic loss (SB3 halves it); SB3's log sigma clamp [-20, 2] (CleanRL
@@ -51,12 +53,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genrl.algos import pmoe_sac
 from genrl.algos.base import register_control_algorithm
 from genrl.errors import ConfigError, NonFiniteLossError, check_weights
+from genrl.replay import Batch, ReplayBuffer
 from genrl_envs.base import BatchedEnv
 from genrl_policies.base import PolicyModule
 from genrl_policies.gaussian import GaussianPolicy
 from genrl_policies.nets import ACTIVATIONS, mlp
+from genrl_policies.pmoe import PMOEPolicy
 
 
 @dataclass(frozen=True)
@@ -164,81 +169,15 @@ def temperature_loss(log_alpha: Tensor, log_prob: Tensor, target_entropy: float)
     return -(log_alpha * (log_prob.detach() + target_entropy)).mean()
 
 
-@dataclass
-class Batch:
-    obs: Tensor  # (B, O)
-    action: Tensor  # (B, A)
-    reward: Tensor  # (B,) the n-step return R_n
-    next_obs: Tensor  # (B, O) the observation R_n bootstraps from
-    discount: Tensor  # (B,) gamma^k (1 - terminated) for the k steps R_n spans
-
-
-class ReplayBuffer:
-    """Circular storage of transitions preallocated on a device: R rows of N transitions (one row
-    per env step), sampled uniformly by index; no per-transition Python objects. Rows not yet
-    written are never read (``torch.empty``: their memory is not touched until then)."""
-
-    FIELDS = ("obs", "action", "reward", "next_obs", "terminated", "truncated")
-
-    def __init__(self, capacity: int, n_envs: int, obs_dim: int, action_dim: int, device: torch.device) -> None:
-        self.rows, self.n_envs = capacity // n_envs, n_envs
-        empty = lambda *shape, dtype=torch.float32: torch.empty(self.rows, n_envs, *shape, dtype=dtype, device=device)  # noqa: E731
-        self.obs, self.next_obs, self.action, self.reward = empty(obs_dim), empty(obs_dim), empty(action_dim), empty()
-        self.terminated, self.truncated = empty(dtype=torch.bool), empty(dtype=torch.bool)
-        self.pos, self.full = 0, False
-
-    def __len__(self) -> int:
-        return (self.rows if self.full else self.pos) * self.n_envs
-
-    def add(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor, terminated: Tensor, truncated: Tensor) -> None:
-        """One env step: (N, O), (N, A), (N,), (N, O) (the true last obs where an episode ended), (N,), (N,)."""
-        for name, value in zip(self.FIELDS, (obs, action, reward, next_obs, terminated, truncated), strict=True):
-            getattr(self, name)[self.pos].copy_(value)
-        self.pos = (self.pos + 1) % self.rows
-        self.full = self.full or self.pos == 0
-
-    def sample(self, batch_size: int, gamma: float, n_step: int, generator: torch.Generator) -> Batch:
-        idx = torch.randint(len(self), (batch_size,), generator=generator, device=self.obs.device)
-        row, env = idx // self.n_envs, idx % self.n_envs
-        obs, action = self.obs[row, env], self.action[row, env]
-        if n_step == 1:
-            return Batch(obs, action, self.reward[row, env], self.next_obs[row, env], gamma * (~self.terminated[row, env]).float())
-        # n-step: steps k = 0..n-1 of the same env, up to and including the first episode end,
-        # and no further than the newest stored row
-        k = torch.arange(n_step, device=row.device)
-        rows, envs = (row[:, None] + k) % self.rows, env[:, None]  # (B, n), (B, 1)
-        stored = k <= ((self.pos - 1 - row) % self.rows)[:, None]  # not beyond the newest row (unwritten rows are garbage)
-        ended = torch.where(stored, self.terminated[rows, envs] | self.truncated[rows, envs], True).int()
-        used = stored & (ended.cumsum(1) - ended == 0)  # and no episode end before step k
-        powers = gamma ** k.to(torch.float32)
-        reward = torch.where(used, self.reward[rows, envs] * powers, 0.0).sum(1)
-        last = used.sum(1) - 1
-        last_row = rows.gather(1, last[:, None]).squeeze(1)
-        discount = gamma * powers[last] * (~self.terminated[last_row, env]).float()
-        return Batch(obs, action, reward, self.next_obs[last_row, env], discount)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The written rows (views, no copy)."""
-        n = self.rows if self.full else self.pos
-        return {name: getattr(self, name)[:n] for name in self.FIELDS}
-
-    def load_state_dict(self, tensors: dict[str, Tensor], pos: int, full: bool) -> None:
-        for name in self.FIELDS:
-            mine, saved = getattr(self, name), tensors[name]
-            if saved.shape == mine.shape and saved.device == mine.device and saved.dtype == mine.dtype:
-                setattr(self, name, saved)  # a full buffer: take the loaded tensor, no second copy
-            else:
-                mine[: saved.shape[0]].copy_(saved)
-        self.pos, self.full = int(pos), bool(full)
-
-
 def squashed_actor(policy: PolicyModule, env: BatchedEnv) -> PolicyModule:
-    """The policy SAC trains: the gaussian family with the tanh squash and a state-dependent std
-    (both set here when the run's config leaves them at the family's PPO defaults; one of them
-    set otherwise is refused), acting in the env's box."""
+    """The policy SAC trains: the gaussian (or pmoe, ``pmoe_sac.squashed_pmoe``) family with the
+    tanh squash and a state-dependent std (both set here when the run's config leaves them at the
+    family's PPO defaults; one of them set otherwise is refused), acting in the env's box."""
     spec = env.spec
     if not (hasattr(policy, "rsample") and hasattr(policy, "set_action_box")):
-        raise ConfigError(f"--algo sac trains a reparameterised, squashed policy: --policy gaussian (the {policy.family} family has no rsample)")
+        raise ConfigError(f"--algo sac trains a reparameterised, squashed policy: --policy gaussian or pmoe (the {policy.family} family has no rsample)")
+    if isinstance(policy, PMOEPolicy):
+        policy = pmoe_sac.squashed_pmoe(policy)
     if isinstance(policy, GaussianPolicy):
         squash, sde = policy.config.squash, policy.config.state_dependent_std
         if (squash, sde) == ("none", False):
@@ -268,7 +207,8 @@ class SAC:
         self.autotune, alpha = cfg.temperature()
         self.log_alpha = torch.full((1,), math.log(alpha) if alpha > 0 else -math.inf, device=self.device, requires_grad=self.autotune)
         self.target_entropy = -float(spec.action_dim) if cfg.target_entropy is None else cfg.target_entropy
-        self.actor_params = list(self.policy.parameters())
+        aux = {id(p) for p in self.policy.auxiliary_parameters()}  # PMOE-PPO's auxiliary Q: unused by SAC
+        self.actor_params = [p for p in self.policy.parameters() if id(p) not in aux]
         # fused Adam: one kernel per step instead of a dozen foreach ops (~15% of an update on CPU)
         self.actor_opt = torch.optim.Adam(self.actor_params, lr=cfg.policy_lr, fused=True)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.q_lr, fused=True)
@@ -336,9 +276,7 @@ class SAC:
         cfg = self.cfg
         batch = self.buffer.sample(cfg.batch_size, cfg.gamma, cfg.n_step, self.generator)
         alpha = self.log_alpha.detach().exp()
-        with torch.no_grad():
-            next_action, next_log_prob = self.policy.rsample(batch.next_obs, generator=self.generator)
-            target = soft_q_target(batch.reward, batch.discount, *self.critic_target(batch.next_obs, next_action), alpha, next_log_prob)
+        target = self.td_target(batch, alpha)
         q1, q2 = self.critic(batch.obs, batch.action)
         critic_loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
         self.critic_opt.zero_grad(set_to_none=True)
@@ -349,11 +287,11 @@ class SAC:
         n_actor = 0
         if self.n_updates % cfg.policy_frequency == 0:
             for _ in range(cfg.policy_frequency):
-                actor_loss, log_prob = self.actor_loss(batch.obs, alpha)
+                actor_loss, log_prob, stats = self.actor_loss(batch.obs, alpha)
                 self.actor_opt.zero_grad(set_to_none=True)
                 actor_loss.backward(inputs=self.actor_params)  # no gradients for the critic's weights
                 self.actor_opt.step()
-                _add(sums, actor_loss=actor_loss.detach(), entropy=-log_prob.detach().mean())
+                _add(sums, actor_loss=actor_loss.detach(), entropy=-log_prob.detach().mean(), **stats)
                 if self.alpha_opt is not None:
                     alpha_loss = temperature_loss(self.log_alpha, log_prob, self.target_entropy)
                     self.alpha_opt.zero_grad(set_to_none=True)
@@ -366,13 +304,21 @@ class SAC:
             soft_update(self.critic_target, self.critic, cfg.tau)
         return n_actor
 
-    def actor_loss(self, obs: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
-        """mean(alpha log pi(a~|s) - min_j Q_j(s, a~)) and log pi(a~|s) (B,), a~ reparameterised.
-        PMOE-SAC (design notes, algorithms.md 6.2) replaces this: every expert's sample scored by
-        the critic, the best expert's loss, plus the family's mixing-weight loss."""
+    def td_target(self, batch: Batch, alpha: Tensor) -> Tensor:
+        """y (B,) with a' = policy.rsample(s'); for PMOE an expert k' ~ Cat(alpha(s')) and its own log-density."""
+        with torch.no_grad():
+            next_action, next_log_prob = self.policy.rsample(batch.next_obs, generator=self.generator)
+            return soft_q_target(batch.reward, batch.discount, *self.critic_target(batch.next_obs, next_action), alpha, next_log_prob)
+
+    def actor_loss(self, obs: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """mean(alpha log pi(a~|s) - min_j Q_j(s, a~)), log pi(a~|s) (B,) and extra metrics, a~
+        reparameterised. PMOE-SAC (``pmoe_sac``): every expert's sample scored by the critic, the
+        best expert's loss plus the mixing-weight loss (or the Gumbel / score-ratio baselines)."""
+        if isinstance(self.policy, PMOEPolicy):
+            return pmoe_sac.actor_loss(self.policy, self.critic, obs, alpha, self.generator)
         action, log_prob = self.policy.rsample(obs, generator=self.generator)
         q1, q2 = self.critic(obs, action)
-        return (alpha * log_prob - torch.minimum(q1, q2)).mean(), log_prob
+        return (alpha * log_prob - torch.minimum(q1, q2)).mean(), log_prob, {}
 
     # -- exact resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -429,9 +375,12 @@ def build(policy: PolicyModule, env: BatchedEnv, cfg: SACConfig, *, total_steps:
 #: no running normalisation (CleanRL, SB3), the squashed state-dependent actor of the references
 SAC_DEFAULTS = {
     "env": {"normalize_obs": False, "normalize_reward": False},
-    "policy_config_for": {"gaussian": {"squash": "tanh", "state_dependent_std": True, "hidden_sizes": [256, 256], "activation": "relu"}},
+    "policy_config_for": {
+        "gaussian": {"squash": "tanh", "state_dependent_std": True, "hidden_sizes": [256, 256], "activation": "relu"},
+        "pmoe": {"n_experts": 4, "hidden_sizes": [256, 256], "activation": "relu", **pmoe_sac.SAC_SETTINGS},  # rlkit-pmoe's example
+    },
 }
 
 register_control_algorithm("sac", build, SACConfig, defaults=SAC_DEFAULTS)
 
-__all__ = ["SAC", "SACConfig", "ReplayBuffer", "TwinQ", "soft_q_target", "soft_update", "temperature_loss"]
+__all__ = ["SAC", "SACConfig", "Batch", "ReplayBuffer", "TwinQ", "soft_q_target", "soft_update", "temperature_loss"]
