@@ -54,9 +54,9 @@ import torch  # noqa: E402
 
 from genrl_envs.digits import (  # noqa: E402
     SAMPLING_DEFAULTS,
+    T5_TOKENS,
     DigitClassifier,
     all_digit_prompts,
-    T5_TOKENS,
     build_digits_pipeline,
     digit_prompts,
     load_digits,
