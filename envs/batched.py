@@ -273,6 +273,17 @@ class TensorVectorEnv:
         self.obs_rms.load(state)
         self.update_obs_stats = not frozen
 
+    def running_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """The running normalisers' statistics, {"obs" / "return": {"mean", "var", "count"}} (those
+        this env keeps), float64 copies: what data-parallel training merges across processes."""
+        return {name: rms.state() for name, rms in (("obs", self.obs_rms), ("return", self.ret_rms)) if rms is not None}
+
+    def set_running_stats(self, stats: dict[str, dict[str, np.ndarray]]) -> None:
+        """Overwrite the statistics ``running_stats`` returned (updating continues as before)."""
+        for name, rms in (("obs", self.obs_rms), ("return", self.ret_rms)):
+            if rms is not None and name in stats:
+                rms.load(stats[name])
+
     # -- resume ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """{"arrays": {name: ndarray}, "meta": json}: sim snapshot, normalisers, accumulators."""

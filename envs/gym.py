@@ -287,6 +287,23 @@ class GymVectorEnv:
         rms.mean, rms.var, rms.count = state["mean"].copy(), state["var"].copy(), float(state["count"])
         self._obs_norm.update_running_mean = not frozen
 
+    def running_stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """The running normalisers' statistics, {"obs" / "return": {"mean", "var", "count"}} (those
+        this env keeps), float64 copies: what data-parallel training merges across processes."""
+        out = {}
+        for name, wrapper, attr in (("obs", self._obs_norm, "obs_rms"), ("return", self._rew_norm, "return_rms")):
+            if wrapper is not None:
+                rms = getattr(wrapper, attr)
+                out[name] = {"mean": np.array(rms.mean, np.float64), "var": np.array(rms.var, np.float64), "count": np.asarray(float(rms.count))}
+        return out
+
+    def set_running_stats(self, stats: dict[str, dict[str, np.ndarray]]) -> None:
+        """Overwrite the statistics ``running_stats`` returned (updating continues as before)."""
+        for name, wrapper, attr in (("obs", self._obs_norm, "obs_rms"), ("return", self._rew_norm, "return_rms")):
+            if wrapper is not None and name in stats:
+                rms, s = getattr(wrapper, attr), stats[name]
+                rms.mean, rms.var, rms.count = np.array(s["mean"], np.float64), np.array(s["var"], np.float64), float(s["count"])
+
     # -- exact resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything that shapes the future of this env: {"arrays": {name: ndarray}, "meta": json}."""

@@ -190,7 +190,8 @@ def _train(args: argparse.Namespace) -> int:
             check_env_id(cfg.env.env_id)
         run = train(cfg)
     extra = ", images/" if (Path(run) / "images").is_dir() else ""
-    print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png, final/{extra})")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
+        print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png, final/{extra})")
     return 0
 
 

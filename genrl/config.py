@@ -128,8 +128,19 @@ class RunConfig:
     wandb: bool = False
     """Also log metrics and the config to Weights & Biases (``pip install genrl[wandb]``)."""
     wandb_project: str = "genrl"
+    distributed: str = "auto"
+    """Data parallelism over processes (``genrl.distributed``; torchrun launches them): "auto"
+    (on when torchrun started WORLD_SIZE > 1 processes), "ddp" (the same, but refuses to run
+    without torchrun) or "off". run.total_steps counts the env steps of all processes."""
+    distributed_timeout_s: float = 1800.0
+    """Seconds a collective waits for the other processes; then (or when one dies) every rank
+    stops with one line, and the last checkpoint stays intact."""
 
     def __post_init__(self) -> None:
+        if self.distributed not in ("auto", "off", "ddp"):
+            raise ConfigError(f"invalid run.distributed = {self.distributed!r}; valid: auto, off, ddp")
+        if not (math.isfinite(self.distributed_timeout_s) and self.distributed_timeout_s > 0):
+            raise ConfigError(f"invalid run.distributed_timeout_s = {self.distributed_timeout_s!r} (seconds > 0)")
         if self.total_steps < 1:
             raise ConfigError(f"invalid run.total_steps = {self.total_steps} (must be >= 1)")
         if self.seed < 0 or self.seed >= 2**63:
@@ -229,6 +240,10 @@ class TrainConfig:
             if getattr(self, name) != defaults[name]:
                 kind = "control algorithms (--env ID)" if self.is_image else "text-to-image algorithms (--env t2i)"
                 raise ConfigError(f"[{name}] settings apply to {kind}, not --algo {self.algo}")
+        if self.run.distributed == "ddp":
+            from genrl.distributed import check_supported
+
+            check_supported(self.algo, self.policy)
         if self.is_image:
             return
         if self.policy != "gorl" and self.gorl != GoRLTrainConfig():

@@ -15,6 +15,11 @@ class CheckpointError(GenrlError):
     """A missing, incomplete, corrupt or foreign checkpoint."""
 
 
+class DistributedError(GenrlError):
+    """A collective of a data-parallel run failed: another process stopped or timed out
+    (``genrl.distributed``); checkpoints already written are intact."""
+
+
 class NonFiniteLossError(GenrlError):
     """A loss or gradient became NaN/inf, or the weights diverged; training stopped, earlier
     checkpoints are intact."""

@@ -282,6 +282,18 @@ _PRESETS += (
             "policy_config": {"n_experts": 4, "hidden_sizes": [256, 256], "activation": "relu", "estimator": "pmoe", "mixing_input": "features"},
         },
     ),
+    Preset(
+        "gorl-sac",
+        "GoRL(SAC+Diffusion), the paper's off-policy variant: stages 2M / 1M / 1M of a 4M-step run, lr 3e-4, batch 256, UTD 20, twin critics",
+        "GoRL paper (arXiv 2512.02581) section 2.6 of the design notes, algorithms.md; SAC around the latent encoder (genrl.algos.gorl_sac)",
+        family="gorl",
+        algo="sac",
+        values={
+            "algo_config": {**_SAC_COMMON, "utd_ratio": 20.0},
+            "gorl": {"stage_fractions": [0.5, 0.25, 0.25]},
+            "policy_config": {"decoder": "diffusion"},
+        },
+    ),
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in _PRESETS}

@@ -189,9 +189,10 @@ class CheckpointSchedule:
     def due(self, prev: int, step: int, final: bool) -> bool:
         return final or crossed(prev, step, self.every) or (self.seconds > 0 and time.monotonic() - self.last >= self.seconds)
 
-    def saved(self, run_dir: Path) -> None:
+    def saved(self, run_dir: Path | None) -> None:
+        """A checkpoint was written; prune ``run_dir``'s older ones (None: another process writes)."""
         self.last = time.monotonic()
-        if self.keep > 0:
+        if self.keep > 0 and run_dir is not None:
             for step in checkpoint_steps(run_dir)[: -self.keep]:
                 shutil.rmtree(run_dir / "checkpoints" / str(step), ignore_errors=True)
 
@@ -283,7 +284,7 @@ def check_same_config(saved: dict[str, Any] | None, now: dict[str, Any], ckpt: P
         saved = config_from_dict(saved).to_dict()
     except Exception:  # noqa: BLE001  an unparsable saved config is compared as written
         pass
-    free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads")}
+    free = {f"run.{k}" for k in (*RESUME_RUN_FIELDS, "total_steps", "out", "device", "torch_threads", "distributed", "distributed_timeout_s")}
     a, b = flatten(saved), flatten(now)
     changed = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
     if changed:

@@ -19,7 +19,9 @@ from genrl.algos.base import CONTROL_ALGORITHMS, Task
 from genrl.algos.ppo import PPO
 from genrl.checkpoint import load_checkpoint, save_checkpoint
 from genrl.config import TrainConfig
-from genrl.errors import CheckpointError, ConfigError
+from genrl.distributed import replica
+from genrl.distributed_run import QuietLogger, adopt, agreed, gather_rank_states, open_shared, own_state, run_session, stopped
+from genrl.errors import CheckpointError, ConfigError, DistributedError
 from genrl.evaluate import evaluate
 from genrl.logger import Logger
 from genrl.plot import plot_runs
@@ -31,7 +33,6 @@ from genrl.runs import (
     check_same_config,
     crossed,
     guarded_iterate,
-    open_run,
     restore_first_readable,
     seed_everything,
     write_meta,
@@ -65,16 +66,18 @@ def build(cfg: TrainConfig) -> PPO:
         policy = policy_cls(env.spec.obs_dim, env.spec.action_dim, cfg.policy_config_object())
         if cfg.init_from is not None:
             init_policy(policy, env, cfg.init_from)
+
+        def refinement_env() -> Any:  # GoRL's refinement data: same env, fresh instance; GoRL copies the obs statistics in
+            return make_env(e.env_id, e.n_envs, backend=env.spec.backend, device=cfg.run.device, vectorization=e.vectorization,
+                            normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs, env_kwargs=e.env_kwargs,
+                            **({"chunking": e.chunking} if e.chunking else {}))  # fmt: skip
+
         if cfg.algo != "ppo":  # a registered algorithm (genrl.algos.base.register_control_algorithm)
             spec = CONTROL_ALGORITHMS[cfg.algo]
-            return spec.build(policy, env, cfg.algo_config_object(), total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device)
+            gorl = {"gorl": cfg.gorl, "env_factory": refinement_env} if spec.gorl and cfg.policy == "gorl" else {}  # GoRL around it (sac)
+            return spec.build(policy, env, cfg.algo_config_object(), total_steps=cfg.run.total_steps, seed=cfg.run.seed, device=cfg.run.device, **gorl)
         if cfg.policy == "gorl":  # GoRL: PPO on the latent encoder + decoder refinement between stages
             from genrl.algos.gorl import GoRL
-
-            def refinement_env() -> Any:  # same env, fresh instance; GoRL copies the obs statistics in
-                return make_env(e.env_id, e.n_envs, backend=env.spec.backend, device=cfg.run.device, vectorization=e.vectorization,
-                                normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs, env_kwargs=e.env_kwargs,
-                                **({"chunking": e.chunking} if e.chunking else {}))  # fmt: skip
 
             return GoRL(
                 policy, env, cfg.ppo, cfg.gorl, total_steps=cfg.run.total_steps, seed=cfg.run.seed,
@@ -110,11 +113,15 @@ def init_policy(policy: Any, env: Any, source: str) -> None:
         env.set_obs_normalizer(agent.obs_normalizer, frozen=False)
 
 
-def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path:
+def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path | None:
     """Checkpoint everything that shapes the rest of the run, whatever the algorithm: its
     ``state_dict()`` split by kind (tensors and dicts of tensors -> trainer.safetensors, the
     ``"optimizer"`` entry -> optimizer.pt, the rest -> state.json), its policy, the env's state
-    and the global RNGs."""
+    and the global RNGs. Several processes: rank 0 writes, with every rank's own state
+    (``genrl.distributed_run``); the other ranks return None."""
+    ranks = gather_rank_states(algo)
+    if ranks is None:
+        return None
     tensors: dict[str, torch.Tensor] = {}
     plain: dict[str, Any] = {}
     groups: list[str] = []
@@ -137,6 +144,7 @@ def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path:
         trainer_tensors=tensors,
         optimizer_state=optimizer if optimizer is not None else {},
         env_state=algo.env.state_dict(),
+        tensor_files=ranks.get("files"),
         state={
             "global_step": algo.global_step,
             "iteration": algo.iteration,
@@ -147,12 +155,15 @@ def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path:
             "config": cfg.to_dict(),  # what wrote this checkpoint: resume refuses a hand-edited config.json
             "algo_state": plain,
             "tensor_groups": groups,
+            **ranks.get("state", {}),
         },
     )
 
 
-def restore_state(algo: Any, cfg: TrainConfig, ckpt_dir: Path) -> None:
-    """Load a checkpoint written by ``save_state`` into a freshly built ``algo``."""
+def restore_state(algo: Any, cfg: TrainConfig, ckpt_dir: Path) -> str | None:
+    """Load a checkpoint written by ``save_state`` into a freshly built ``algo`` (with several
+    processes, each rank its own state); returns a note on what a change of the number of
+    processes does not restore exactly."""
     data = load_checkpoint(ckpt_dir)
     state = data["state"]
     check_same_config(state.get("config"), cfg.to_dict(), ckpt_dir)
@@ -176,12 +187,17 @@ def restore_state(algo: Any, cfg: TrainConfig, ckpt_dir: Path) -> None:
                 payload.setdefault(group, {})[key[len(group) + 1 :]] = value
             elif key != "rng.torch_global":
                 payload[key] = value
-        algo.env.load_state_dict(data["env"])  # first: an env without snapshots restarts its episodes
+        own = own_state(data, algo)  # one process: rank 0's, the checkpoint's main files
+        payload.update(own["payload"])
+        if own["env"] is not None:
+            algo.env.load_state_dict(own["env"])  # first: an env without snapshots restarts its episodes
         algo.load_state_dict(payload)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt_dir} does not match this run: {str(exc).splitlines()[0]}") from None
-    torch.set_rng_state(t["rng.torch_global"])
-    _set_np_state(state["numpy_global"])
+    if own["torch"] is not None:
+        torch.set_rng_state(own["torch"])
+        _set_np_state(own["numpy"])
+    return own["note"]
 
 
 def _np_state() -> dict[str, Any]:
@@ -218,9 +234,14 @@ def train(
         ConfigError, CheckpointError, NonFiniteLossError (earlier checkpoints are left intact),
         Interrupted (SIGINT / SIGTERM: a checkpoint of the last whole iteration was written).
     """
+    with run_session(load_run_config(resume) if resume is not None else cfg):  # several processes under torchrun
+        return _train(cfg, resume, extend_to, overrides)
+
+
+def _train(cfg: TrainConfig | None, resume: str | Path | None, extend_to: int | None, overrides: dict[str, Any] | None) -> Path:
     import importlib
 
-    cfg, run_dir, candidates = open_run(cfg, resume)
+    cfg, run_dir, candidates = open_shared(cfg, resume)
     cfg = apply_resume_changes(cfg, extend_to, overrides)
     check_device(cfg.run.device)
     torch.set_num_threads(cfg.run.torch_threads)
@@ -233,21 +254,23 @@ def run(task: Task, run_dir: Path, candidates: list[Path]) -> Path:
     """The run loop, for every algorithm: (resume) -> iterate -> log -> evaluate -> checkpoint -> finish."""
     messages: list[str] = []
     if candidates:
-        restore_first_readable(candidates, task.restore, messages.append)
-    algo, cfg, unit = task.algo, task.cfg, task.unit
+        restore_first_readable(candidates, agreed(task.restore), messages.append)
+    algo, cfg, unit, main = task.algo, task.cfg, task.unit, replica().is_main
     total = algo.n_iterations * algo.steps_per_iter
     if candidates and algo.iteration >= algo.n_iterations:
         task.close()
-        print(f"{run_dir} is already complete at {unit} {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
+        if main:
+            print(f"{run_dir} is already complete at {unit} {algo.global_step}; extend it with genrl train --resume {run_dir} --steps N")
         return run_dir
     if total != cfg.run.total_steps:
         messages.append(f"total {unit}s {cfg.run.total_steps} rounded up to {total}: {algo.n_iterations} iterations of {algo.steps_per_iter}")
         task.cfg = cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, total_steps=total))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    task.prepare(run_dir, fresh=not candidates)
-    cfg.save(run_dir / "config.json")
-    write_meta(run_dir, resumed=bool(candidates))
-    logger = Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress,
+    if main:  # several processes: rank 0 alone writes the run folder and logs
+        run_dir.mkdir(parents=True, exist_ok=True)
+        task.prepare(run_dir, fresh=not candidates)
+        cfg.save(run_dir / "config.json")
+        write_meta(run_dir, resumed=bool(candidates))
+    logger = QuietLogger() if not main else Logger(run_dir, total, resume_step=algo.global_step if candidates else None, progress=cfg.run.progress,
                     wandb={"project": cfg.run.wandb_project, "config": cfg.to_dict()} if cfg.run.wandb else None)  # fmt: skip
     for m in messages:
         logger.message(m)
@@ -266,20 +289,25 @@ def run(task: Task, run_dir: Path, candidates: list[Path]) -> Path:
                 metrics = guarded_iterate(algo, run_dir)
                 step = algo.global_step
                 final = algo.iteration == algo.n_iterations
-                if final or crossed(prev, step, cfg.run.eval_every):
+                if main and (final or crossed(prev, step, cfg.run.eval_every)):
                     metrics.update(task.evaluate(step))
                     last_eval = metrics
                 logger.log(metrics, step)
-                if schedule.due(prev, step, final) or stop.requested:
+                save, stopping = replica().any(schedule.due(prev, step, final), stop.requested is not None)  # every rank alike
+                if save or stopping:
                     task.save(run_dir)
-                    schedule.saved(run_dir)
-                if stop.requested and not final:
-                    raise Interrupted(f"{stop.requested} at {unit} {step}: checkpoint written; continue with genrl train --resume {run_dir}")
+                    schedule.saved(run_dir if main else None)
+                if stopping and not final:
+                    why = stop.requested or "a stop signal to another process"
+                    raise Interrupted(f"{why} at {unit} {step}: checkpoint written; continue with genrl train --resume {run_dir}")
+    except DistributedError as exc:
+        raise stopped(exc, run_dir) from None
     finally:
         logger.close()
         task.close()
-    task.finish(run_dir, last_eval)
-    plot_runs([run_dir], run_dir / "curves.png")
+    if main:
+        task.finish(run_dir, last_eval)
+        plot_runs([run_dir], run_dir / "curves.png")
     return run_dir
 
 
@@ -290,17 +318,17 @@ class ControlTask:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, *, fresh: bool) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        self.algo = build(cfg)
+        self.algo = adopt(build(cfg), cfg.run.seed)
         self._restored = False
 
     def restore(self, ckpt: Path) -> str | None:
         """Load ``ckpt``; returns the env's note when its back end cannot resume exactly."""
         if self._restored:  # an earlier candidate failed part-way: start again from a fresh build
             self.algo.env.close()
-            self.algo = build(self.cfg)
+            self.algo = adopt(build(self.cfg), self.cfg.run.seed)
         self._restored = True
-        restore_state(self.algo, self.cfg, ckpt)
-        return getattr(self.algo.env, "resume_note", None)
+        notes = [restore_state(self.algo, self.cfg, ckpt), getattr(self.algo.env, "resume_note", None)]
+        return "; ".join(n for n in notes if n) or None
 
     def prepare(self, run_dir: Path, fresh: bool) -> None:
         pass

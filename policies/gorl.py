@@ -38,6 +38,11 @@ Choices (paper v3 / official code ``bennidict23/GoRL`` differ where noted):
   state-dependent softplus std). The small head and log-std 0 make the initial encoder ~ N(0, I),
   the prior the paper re-initialises to at each stage; ``state_dependent_std`` switches to a
   second head (as ``GaussianConfig`` does, raw log-std, no softplus).
+* ``encoder_squash="tanh"`` (GoRL over SAC, ``genrl.algos.gorl_sac``): the encoder is SAC's
+  tanh-squashed Gaussian over the latent, eps = L tanh(u), u ~ N(mu, sigma^2), in the latent box
+  [-L, L]^Z (L = ``latent_bound``, 3 as ``genrl.sb3``'s wrapper: 99.7 % of an N(0, 1) latent
+  inside); log-probs are those of tanh(u) (``GaussianPolicy``'s squash), the box is saved with the
+  weights. The default "none" keeps the unbounded latent of GoRL-PPO (bitwise as before).
 * ``latent_reg="kl"`` (default): KL(N(mu, sigma^2) || N(0, I)) = 1/2 sum_z (mu^2 + sigma^2 - 1 -
   log sigma^2) per sample (paper v1's "KL penalty toward N(0, I)"); ``"l2_params"`` is the code's
   mean(mu^2) + mean(sigma^2) (pulls sigma to 0, not 1); ``"none"`` turns it off. Weighted by
@@ -126,6 +131,11 @@ class GoRLConfig:
     """Fresh (eps, tau) (flow) or (xi, k) (diffusion) pairs per (s, a) sample in ``decoder_loss`` (code: 8)."""
     squash: str = "tanh"
     """"tanh": env action = tanh(g(s, eps)) (paper); "none": env action = g(s, eps) (env clips)."""
+    encoder_squash: str = "none"
+    """"none": eps ~ N(mu, sigma^2) unbounded (PPO); "tanh": eps = latent_bound tanh(u), u ~ N(mu,
+    sigma^2), SAC's squashed Gaussian in the latent box (``--algo sac``)."""
+    latent_bound: float = 3.0
+    """L of the latent box [-L, L]^Z under ``encoder_squash = "tanh"`` (genrl.sb3's wrapper box)."""
 
     def __post_init__(self) -> None:
         for name in ("encoder_hidden", "decoder_hidden"):
@@ -141,6 +151,11 @@ class GoRLConfig:
             raise ValueError(f"unknown decoder '{self.decoder}'; valid: {', '.join(DECODERS)}")
         if self.squash not in SQUASHES:
             raise ValueError(f"unknown squash '{self.squash}'; valid: {', '.join(SQUASHES)}")
+        if self.encoder_squash not in ("none", "tanh"):
+            raise ValueError(f"unknown encoder_squash '{self.encoder_squash}'; valid: none, tanh")
+        lb = self.latent_bound
+        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not (math.isfinite(lb) and lb > 0):
+            raise ValueError(f"latent_bound must be a finite number > 0, got {lb!r}")
         for name in ("latent_reg_coef", "log_std_init"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -198,7 +213,7 @@ def encoder_config(cfg: GoRLConfig) -> GaussianConfig:
     layout, so the two load each other's weights and GoRL's stage 0 reproduces Gaussian PPO)."""
     return GaussianConfig(
         hidden_sizes=tuple(int(h) for h in cfg.encoder_hidden), activation=cfg.encoder_activation,
-        log_std_init=float(cfg.log_std_init), state_dependent_std=cfg.state_dependent_std,
+        log_std_init=float(cfg.log_std_init), state_dependent_std=cfg.state_dependent_std, squash=cfg.encoder_squash,
     )  # fmt: skip
 
 
@@ -212,7 +227,7 @@ class GoRLPolicy(PolicyModule):
         super().__init__(obs_dim, action_dim, config or GoRLConfig())
         cfg = self.config
         self.latent_dim = action_dim  # Z = A: eps is the ODE's initial state
-        self.encoder = GaussianPolicy(obs_dim, self.latent_dim, encoder_config(cfg))
+        self.encoder = self._new_encoder()
         # the encoder's construction-time weights, restored by reset_encoder() (not in the state dict)
         self._encoder_init = {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
         self.decoder = self._new_decoder()
@@ -224,6 +239,13 @@ class GoRLPolicy(PolicyModule):
             # the active beta schedule (index into DIFFUSION_SCHEDULES): linear for the stage-0
             # decoder, cosine once reset_decoder() re-creates it; persistent, so saved and resumed
             self.register_buffer("decoder_schedule", torch.tensor(0, dtype=torch.long))
+
+    def _new_encoder(self) -> GaussianPolicy:
+        encoder = GaussianPolicy(self.obs_dim, self.latent_dim, encoder_config(self.config))
+        if encoder.squashed:  # the latent box [-L, L]^Z, a buffer of the encoder (saved, restored by resets)
+            bound = torch.full((self.latent_dim,), float(self.config.latent_bound))
+            encoder.set_action_box(-bound, bound)
+        return encoder
 
     def _new_decoder(self) -> VelocityNet:
         cfg = self.config
@@ -279,15 +301,20 @@ class GoRLPolicy(PolicyModule):
 
     # -- the contract ---------------------------------------------------------------------------
     def act(self, obs: Tensor, *, deterministic: bool = False, generator: torch.Generator | None = None) -> tuple[Tensor, GoRLRecord]:
-        """eps ~ N(mu(s), sigma) (eps = mu if ``deterministic``), pre = g(s, eps), action = squash(pre)."""
+        """eps ~ N(mu(s), sigma) (eps = mu if ``deterministic``), pre = g(s, eps), action = squash(pre).
+        Under ``encoder_squash = "tanh"``: eps = L tanh(u), u ~ N(mu(s), sigma) (u = mu if deterministic)."""
         self.check_obs(obs)
-        mean, log_std = self.encoder.distribution(obs)
-        if deterministic:
-            eps = mean
+        if self.encoder.squashed:
+            eps, rec = self.encoder.act(obs, deterministic=deterministic, generator=generator)
+            log_prob = rec.log_prob
         else:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-            eps = mean + noise * log_std.exp()
-        log_prob = diag_gaussian_log_prob(eps, mean, log_std)
+            mean, log_std = self.encoder.distribution(obs)
+            if deterministic:
+                eps = mean
+            else:
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+                eps = mean + noise * log_std.exp()
+            log_prob = diag_gaussian_log_prob(eps, mean, log_std)
         eps = eps.detach()
         with torch.no_grad():
             pre = self.decode(obs, eps)
@@ -296,6 +323,8 @@ class GoRLPolicy(PolicyModule):
 
     def log_prob(self, obs: Tensor, eps: Tensor) -> Tensor:
         """log pi_theta(eps | s) summed over latent dims, (B,). The decoder plays no part."""
+        if self.encoder.squashed:  # of eps = L tanh(u), as GaussianPolicy's squash
+            return self.encoder.log_prob(obs, eps)
         mean, log_std = self.encoder.distribution(obs)
         return diag_gaussian_log_prob(eps, mean, log_std)
 
@@ -306,6 +335,8 @@ class GoRLPolicy(PolicyModule):
 
     def regularizer(self, obs: Tensor, record: GoRLRecord) -> Tensor:
         """Entropy of the latent Gaussian: sum_z (log sigma_z + 0.5 log(2 pi e)), shape (B,)."""
+        if self.encoder.squashed:  # of u, before the squash (log sigma clamped as the encoder's)
+            return self.encoder.regularizer(obs, record)
         if self.config.state_dependent_std:
             _, log_std = self.encoder.distribution(obs)
         else:
@@ -376,7 +407,7 @@ class GoRLPolicy(PolicyModule):
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                state = GaussianPolicy(self.obs_dim, self.latent_dim, encoder_config(self.config)).state_dict()
+                state = self._new_encoder().state_dict()
         self.encoder.load_state_dict(state)
 
     def reset_decoder(self, seed: int = 0) -> None:

@@ -255,6 +255,7 @@ def test_truncation_bootstraps_from_the_final_obs_and_termination_does_not() -> 
         ({"alpha": -0.2}, "alpha"),
         ({"alpha": "auto_0"}, "alpha"),
         ({"critic_activation": "sigmoid"}, "critic_activation"),
+        ({"critic_dtype": "float16"}, "critic_dtype"),
         ({"q_lr": 0.0}, "q_lr"),
         ({"tua": 0.1}, "did you mean 'tau'"),
     ],
@@ -386,3 +387,19 @@ def test_sac_learns_pendulum(tmp_path: Path) -> None:
     run = train(cfg)
     final = read_csv(run / "progress.csv")["eval/return_mean"][-1]
     assert final > -400, final
+
+
+def test_bfloat16_critics_autocast_the_matmuls_and_keep_float32_weights_and_outputs() -> None:
+    from genrl.algos.sac import TwinQ
+
+    torch.manual_seed(0)
+    full = TwinQ(5, 2, (64, 64), "relu")
+    half = TwinQ(5, 2, (64, 64), "relu", "bfloat16")
+    half.load_state_dict(full.state_dict())
+    obs, action = torch.randn(32, 5), torch.rand(32, 2) * 2 - 1
+    (a1, a2), (b1, b2) = full(obs, action), half(obs, action)
+    assert b1.dtype == b2.dtype == torch.float32 and all(p.dtype == torch.float32 for p in half.parameters())
+    assert not torch.equal(a1, b1)  # the matmuls did run in bfloat16
+    assert torch.allclose(a1, b1, atol=2e-2, rtol=2e-2) and torch.allclose(a2, b2, atol=2e-2, rtol=2e-2)
+    (b1.sum() + b2.sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in half.parameters())

@@ -74,13 +74,16 @@ class ControlAlgorithm:
     """Run settings this algorithm needs other than genrl's defaults (e.g. SAC: no running reward
     normalisation), laid under the user's config when it is parsed, so ``config.json`` shows them;
     ``"policy_config_for": {family: {...}}`` gives policy settings per family."""
+    gorl: bool = False
+    """For the gorl family, ``build`` also takes ``gorl=`` (the run's ``GoRLTrainConfig``) and
+    ``env_factory=`` (a fresh env for refinement data): GoRL around the algorithm (SAC)."""
 
 
 #: algorithm name -> how to build it; "ppo" (with GoRL around it for the gorl family) is built in
 CONTROL_ALGORITHMS: dict[str, ControlAlgorithm] = {}
 
 
-def register_control_algorithm(name: str, build: Callable[..., Algorithm], config_class: type | None = None, defaults: dict[str, Any] | None = None) -> None:
+def register_control_algorithm(name: str, build: Callable[..., Algorithm], config_class: type | None = None, defaults: dict[str, Any] | None = None, gorl: bool = False) -> None:
     """Make ``--algo NAME`` train with ``build`` through genrl's run loop, logs and checkpoints.
 
     The algorithm's ``state_dict()`` is checkpointed as it is: tensors (and dicts of tensors) in
@@ -89,4 +92,4 @@ def register_control_algorithm(name: str, build: Callable[..., Algorithm], confi
     """
     if name == "ppo" or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"invalid algorithm name {name!r}")
-    CONTROL_ALGORITHMS[name] = ControlAlgorithm(build, config_class, defaults)
+    CONTROL_ALGORITHMS[name] = ControlAlgorithm(build, config_class, defaults, gorl)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from genrl.algos.base import register_control_algorithm
+from genrl.distributed import ShardedSampler, replica
 from genrl.errors import ConfigError, NonFiniteLossError, check_weights
 from genrl_envs.base import BatchedEnv
 from genrl_policies.base import PolicyModule
@@ -71,6 +72,10 @@ class BCConfig:
             raise ConfigError(f"invalid algo_config.learning_rate / weight_decay = {self.learning_rate} / {self.weight_decay}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"invalid algo_config.ema_decay = {self.ema_decay} (in [0, 1))")
+
+
+_SAMPLER_SEED = 5_000_011
+"""Offset of the seed of the batch-drawing stream that every data-parallel rank shares."""
 
 
 class BC:
@@ -117,7 +122,11 @@ class BC:
         self.policy = copy.deepcopy(self.model) if cfg.ema_decay > 0 else self.model
         self.policy.requires_grad_(False) if cfg.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.dist = replica()  # data-parallel: each gradient step's batch split into disjoint per-rank shards
+        self.sampler = ShardedSampler(self.dist, seed + _SAMPLER_SEED, self.device) if self.dist.world_size > 1 else None
+        if self.sampler is not None and cfg.batch_size % self.dist.world_size:
+            raise ConfigError(f"algo_config.batch_size = {cfg.batch_size} does not split into {self.dist.world_size} equal shards (one per process)")
+        self.generator = torch.Generator(device=self.device).manual_seed(self.dist.seed(seed))  # the noise: per rank
         self.total_steps = int(total_steps)
         self.steps_per_iter = cfg.updates_per_iter
         self.n_iterations = max(1, math.ceil(self.total_steps / self.steps_per_iter))
@@ -148,12 +157,16 @@ class BC:
             step = self.global_step + i
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(step)
-            obs, actions = self.data.sample(cfg.batch_size, self.generator)
+            if self.sampler is None:
+                obs, actions = self.data.sample(cfg.batch_size, self.generator)
+            else:
+                obs, actions = self.data.get(self.sampler.rows(len(self.data), cfg.batch_size))
             loss = self.model.bc_loss(self.normalize(obs), actions, generator=self.generator)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"non-finite behaviour-cloning loss at gradient step {step}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.dist.average_grads(self.model.parameters())
             self.optimizer.step()
             if cfg.ema_decay > 0:
                 decay = min(cfg.ema_decay, 1.0 - (1.0 + step) ** -0.75)  # early steps barely averaged
@@ -165,7 +178,7 @@ class BC:
         check_weights(list(self.model.parameters()), f"at gradient step {self.global_step + cfg.updates_per_iter}")
         self.iteration += 1
         dt = time.perf_counter() - t0
-        return {"train/bc_loss": float(total) / cfg.updates_per_iter, "train/learning_rate": self.optimizer.param_groups[0]["lr"],
+        return {"train/bc_loss": float(self.dist.mean_stats({"loss": total})["loss"]) / cfg.updates_per_iter, "train/learning_rate": self.optimizer.param_groups[0]["lr"],
                 "time/updates_per_s": cfg.updates_per_iter / dt, "time/update_s": dt}  # fmt: skip
 
     # -- exact resume ---------------------------------------------------------------------------
@@ -173,6 +186,8 @@ class BC:
         state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "rng.generator": self.generator.get_state(), "iteration": self.iteration}
         if self.cfg.ema_decay > 0:  # the acting (EMA) policy is saved as the checkpoint's policy; these are the trained weights
             state["model"] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.sampler is not None:  # the shared batch-drawing stream (replicated on every rank)
+            state["rng.sampler"] = self.sampler.generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -180,6 +195,8 @@ class BC:
             self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["rng.generator"])
+        if self.sampler is not None and "rng.sampler" in state:
+            self.sampler.generator.set_state(state["rng.sampler"])
         self.iteration = int(state["iteration"])
 
     def close(self) -> None:

@@ -27,6 +27,9 @@ encoder and decoder share the env's running observation normaliser (the code kee
 frozen normaliser for the decoder; the env statistics keep moving slowly after a refinement); the
 refinement data come from the latest (not the best-evaluated) encoder, as the paper says.
 
+The refinement steps are module functions (``collect_refinement_data``, ``fit_decoder``,
+``train_decoder``), shared with GoRL over SAC (``genrl.algos.gorl_sac``) and the SB3 callback.
+
 ``GoRL`` exposes what the trainer drives (``iterate``, ``global_step``, ``iteration``,
 ``n_iterations``, ``steps_per_iter``, ``env``, ``policy``, ``state_dict`` / ``load_state_dict``);
 its own resume state is the stage counter and the refinement-step count (everything else is in
@@ -107,9 +110,10 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def stage_boundaries(fractions: tuple[float, ...], n_iterations: int) -> list[int]:
-    """PPO iteration counts after which each stage ends (all but the last stage): the cumulative
-    fractions times ``n_iterations``, rounded half up. ConfigError if a stage gets no iteration."""
+def stage_boundaries(fractions: tuple[float, ...], n_iterations: int, what: str = "PPO iterations") -> list[int]:
+    """Iteration counts (PPO's; SAC's for ``genrl.algos.gorl_sac``) after which each stage ends (all
+    but the last stage): the cumulative fractions times ``n_iterations``, rounded half up.
+    ConfigError if a stage gets no iteration (``what`` names them in the message)."""
     bounds, acc = [], 0.0
     for f in fractions[:-1]:
         acc += f
@@ -117,7 +121,7 @@ def stage_boundaries(fractions: tuple[float, ...], n_iterations: int) -> list[in
     edges = [0, *bounds, n_iterations]
     if any(b <= a for a, b in zip(edges, edges[1:])):
         raise ConfigError(
-            f"gorl.stage_fractions {[round(f, 6) for f in fractions]} leave a stage without PPO iterations "
+            f"gorl.stage_fractions {[round(f, 6) for f in fractions]} leave a stage without {what} "
             f"in a run of {n_iterations} iteration(s) (stage ends at {bounds}); use more steps or fewer stages"
         )
     return bounds
@@ -191,6 +195,65 @@ def train_decoder(
     if n_val:
         stats["decoder_val_loss"] = best
     return stats
+
+
+def make_refinement_env(env: BatchedEnv, env_factory: Callable[[], BatchedEnv] | None = None) -> BatchedEnv:
+    """A fresh instance of the training env for refinement data: ``env_factory()``, or one made from
+    ``env``'s spec (same id, env count and back end; running observation normalisation if ``env``
+    has it, its statistics copied in frozen by ``collect_refinement_data``)."""
+    if env_factory is not None:
+        return env_factory()
+    from genrl_envs import make_env
+
+    spec = env.spec
+    norm = env.obs_normalizer_state() if hasattr(env, "obs_normalizer_state") else None
+    device = getattr(env, "device", "cpu")
+    return make_env(spec.env_id, spec.n_envs, backend=spec.backend, device=str(device), normalize_obs=norm is not None, normalize_reward=False)
+
+
+def collect_refinement_data(
+    policy: GoRLPolicy, env: BatchedEnv, refine_steps: int, seed: int, *, device: torch.device,
+    env_factory: Callable[[], BatchedEnv] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int, dict[str, float]]:  # fmt: skip
+    """(obs (M, O), pre-tanh actions (M, A), env steps taken, stats) from >= ``refine_steps`` env
+    steps of ``policy`` as it is (its current encoder, stochastic; deterministic decoder) on a fresh
+    instance of ``env`` (``make_refinement_env``) with ``env``'s observation statistics, frozen."""
+    ref_env = make_refinement_env(env, env_factory)
+    try:
+        if hasattr(ref_env, "set_obs_normalizer"):
+            ref_env.set_obs_normalizer(env.obs_normalizer_state(), frozen=True)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        n_envs = ref_env.spec.n_envs
+        n_iter = math.ceil(refine_steps / n_envs)
+        obs_list, pre_list, returns = [], [], []
+        with torch.inference_mode():
+            obs = ref_env.reset(seed=seed).to(device)
+            for _ in range(n_iter):
+                action, record = policy.act(obs, generator=gen)
+                obs_list.append(obs)
+                pre_list.append(record.pre_action)
+                out = ref_env.step(action)
+                returns += out.episode_returns
+                obs = out.obs.to(device)
+    finally:
+        ref_env.close()
+    steps = n_iter * n_envs
+    stats = {"gorl/refinement_collected": float(steps)}
+    if returns:
+        stats["gorl/refinement_ep_return"] = sum(returns) / len(returns)
+    # leave inference mode: plain tensors for the decoder's autograd
+    return torch.cat(obs_list).clone(), torch.cat(pre_list).clone(), steps, stats
+
+
+def fit_decoder(policy: GoRLPolicy, obs: torch.Tensor, pre: torch.Tensor, schedule: RefinementSchedule, seed: int) -> dict[str, float]:
+    """``train_decoder`` with ``schedule``'s recipe; its losses as ``gorl/decoder_*`` metrics."""
+    c = schedule
+    stats = train_decoder(
+        policy, obs, pre, epochs=c.decoder_epochs, batch_size=c.decoder_batch_size,
+        lr=c.decoder_lr, val_fraction=c.val_fraction, patience=c.patience, seed=seed,
+    )  # fmt: skip
+    stats.pop("n_pairs")
+    return {f"gorl/{k}": v for k, v in stats.items()}
 
 
 class GoRL:
@@ -302,56 +365,17 @@ class GoRL:
                 opt_state.pop(p, None)
         return stats
 
-    # -- refinement -----------------------------------------------------------------------------
-    def _make_refinement_env(self) -> BatchedEnv:
-        if self.env_factory is not None:
-            return self.env_factory()
-        from genrl_envs import make_env
-
-        spec = self.env.spec
-        norm = self.env.obs_normalizer_state() if hasattr(self.env, "obs_normalizer_state") else None
-        device = getattr(self.env, "device", "cpu")
-        return make_env(spec.env_id, spec.n_envs, backend=spec.backend, device=str(device), normalize_obs=norm is not None, normalize_reward=False)
-
+    # -- refinement (the module functions, shared with genrl.algos.gorl_sac) -------------------
     def collect_refinement_data(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """(obs (M, O), pre-tanh actions (M, A), stats) from >= ``refine_steps`` env steps of the
         current policy (stochastic encoder, deterministic decoder) on a fresh env instance."""
-        env = self._make_refinement_env()
-        try:
-            if hasattr(env, "set_obs_normalizer"):
-                env.set_obs_normalizer(self.env.obs_normalizer_state(), frozen=True)
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            n_envs = env.spec.n_envs
-            n_iter = math.ceil(self.cfg.refine_steps / n_envs)
-            obs_list, pre_list, returns = [], [], []
-            with torch.inference_mode():
-                obs = env.reset(seed=seed).to(self.device)
-                for _ in range(n_iter):
-                    action, record = self.policy.act(obs, generator=gen)
-                    obs_list.append(obs)
-                    pre_list.append(record.pre_action)
-                    out = env.step(action)
-                    returns += out.episode_returns
-                    obs = out.obs.to(self.device)
-        finally:
-            env.close()
-        steps = n_iter * n_envs
+        obs, pre, steps, stats = collect_refinement_data(self.policy, self.env, self.cfg.refine_steps, seed, device=self.device, env_factory=self.env_factory)
         self.refinement_steps += steps
-        stats = {"gorl/refinement_collected": float(steps)}
-        if returns:
-            stats["gorl/refinement_ep_return"] = sum(returns) / len(returns)
-        # leave inference mode: plain tensors for the decoder's autograd
-        return torch.cat(obs_list).clone(), torch.cat(pre_list).clone(), stats
+        return obs, pre, stats
 
     def train_decoder(self, obs: torch.Tensor, pre: torch.Tensor, seed: int) -> dict[str, float]:
         """Re-create the decoder and fit it to (obs, pre) by its generative loss with fresh noise."""
-        c = self.cfg
-        stats = train_decoder(
-            self.policy, obs, pre, epochs=c.decoder_epochs, batch_size=c.decoder_batch_size,
-            lr=c.decoder_lr, val_fraction=c.val_fraction, patience=c.patience, seed=seed,
-        )  # fmt: skip
-        stats.pop("n_pairs")
-        return {f"gorl/{k}": v for k, v in stats.items()}
+        return fit_decoder(self.policy, obs, pre, self.cfg, seed)
 
     # -- exact resume ---------------------------------------------------------------------------
     def gorl_state(self) -> dict[str, int]:
@@ -371,4 +395,13 @@ class GoRL:
         self.stage, self.refinement_steps = stage, refined
 
 
-__all__ = ["GoRL", "GoRLTrainConfig", "RefinementSchedule", "stage_boundaries"]
+__all__ = [
+    "GoRL",
+    "GoRLTrainConfig",
+    "RefinementSchedule",
+    "collect_refinement_data",
+    "fit_decoder",
+    "make_refinement_env",
+    "stage_boundaries",
+    "train_decoder",
+]

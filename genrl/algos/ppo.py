@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from genrl.advantages import gae
+from genrl.distributed import replica
 from genrl.errors import ConfigError, NonFiniteLossError, check_weights
-from genrl.losses import clipped_surrogate, explained_variance, value_loss
+from genrl.losses import clipped_surrogate, value_loss
 from genrl_envs.base import BatchedEnv
 from genrl_policies.base import PolicyModule, record_map
 from genrl_policies.nets import mlp
@@ -198,15 +199,17 @@ class PPO:
             self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps, weight_decay=config.weight_decay, fused=True)
         else:
             self.optimizer = torch.optim.Adam(params, lr=config.learning_rate, eps=config.adam_eps, fused=True)
+        self.dist = replica()  # data-parallel processes (genrl.distributed); one process: every hook is local
         self.total_steps = int(total_steps)
-        self.steps_per_iter = batch
-        self.n_iterations = max(1, math.ceil(self.total_steps / batch))
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.steps_per_iter = batch * self.dist.world_size  # env steps of all processes
+        self.n_iterations = max(1, math.ceil(self.total_steps / self.steps_per_iter))
+        self.generator = torch.Generator(device=self.device).manual_seed(self.dist.seed(seed))
         self.global_step = 0
         self.iteration = 0
         self.stage = 0
         """Index into ``stage_clip_coefs`` / ``stage_max_grad_norms``; a staged algorithm sets it."""
-        self.next_obs = env.reset(seed=seed).to(self.device)
+        self._stats_base = self.dist.normalizer_stats(env)  # normaliser statistics every rank shares (None: one process)
+        self.next_obs = env.reset(seed=seed + self.dist.rank * spec.n_envs).to(self.device)
         self._storage: dict[str, Any] | None = None
 
     # -- rollout ------------------------------------------------------------------------------
@@ -232,9 +235,13 @@ class PPO:
                 _, first = self.policy.act(obs, generator=torch.Generator(self.device).manual_seed(0))
             self._storage = self._allocate(first)
         s = self._storage
+        if self._stats_base is None:  # after a resume: rank 0's statistics to every rank
+            self._stats_base = self.dist.sync_normalizers(self.env)
         with torch.inference_mode():
             obs = self._rollout(s, obs, ep_returns, ep_lengths)
         self.next_obs = obs.clone()  # a normal tensor again (checkpoints, autograd)
+        self._stats_base = self.dist.merge_normalizers(self.env, self._stats_base)
+        ep_returns, ep_lengths = self.dist.gather_episodes(ep_returns, ep_lengths)
         self.global_step += self.steps_per_iter
         stats: dict[str, float] = {"rollout/episodes": float(len(ep_returns))}
         if ep_returns:
@@ -273,10 +280,12 @@ class PPO:
         return obs
 
     # -- update -------------------------------------------------------------------------------
-    def ppo_loss(self, obs: Tensor, record: Any, advantages: Tensor, returns: Tensor, old_values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total minibatch loss and its detached terms."""
+    def ppo_loss(
+        self, obs: Tensor, record: Any, advantages: Tensor, returns: Tensor, old_values: Tensor, *, normalized: bool = False,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        """Total minibatch loss and its detached terms (``normalized``: advantages already are)."""
         cfg = self.cfg
-        if cfg.norm_adv and cfg.norm_adv_scope == "minibatch" and advantages.numel() > 1:
+        if cfg.norm_adv and cfg.norm_adv_scope == "minibatch" and advantages.numel() > 1 and not normalized:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         terms = self.policy.evaluate(obs, record, returns, regularize=cfg.ent_coef != 0, generator=self.generator)
         log_ratio = terms.log_ratio
@@ -321,17 +330,23 @@ class PPO:
         b_rec = record_map(lambda x: x.reshape(T * N, *x.shape[2:]), s["record"])
         b_adv, b_ret, b_val = advantages.view(-1), returns.view(-1), values.view(-1)
         if cfg.norm_adv and cfg.norm_adv_scope == "batch":
-            b_adv = (b_adv - b_adv.mean()) / (b_adv.std() + 1e-8)
+            b_adv = self.dist.normalize(b_adv)  # over the global batch
         batch, mb = T * N, T * N // cfg.n_minibatches
         sums: dict[str, Tensor] = {}
         kls: list[float] = []  # minibatch KL estimates of this update (KL-adaptive lr)
         n_updates, stop = 0, False
         for _ in range(cfg.n_epochs):
             perm = torch.randperm(batch, generator=self.generator, device=self.device)
+            shared = self.dist.world_size > 1 and cfg.norm_adv and cfg.norm_adv_scope == "minibatch"  # over each global minibatch
+            e_adv = self.dist.normalize_slices(b_adv[perm], mb) if shared else None
             for start in range(0, batch, mb):
                 idx = perm[start : start + mb]
                 rec = record_map(lambda x: x[idx], b_rec)
-                loss, stats = self.ppo_loss(b_obs[idx], rec, b_adv[idx], b_ret[idx], b_val[idx])
+                adv = b_adv[idx] if e_adv is None else e_adv[start : start + mb]
+                loss, stats = self.ppo_loss(b_obs[idx], rec, adv, b_ret[idx], b_val[idx], normalized=e_adv is not None)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                stats = self.dist.average_grads(self.params + self.aux_params, stats)  # and the KL: every rank stops alike
                 if cfg.target_kl is not None and stats["approx_kl"] > 1.5 * cfg.target_kl:
                     stop = True
                     break
@@ -339,8 +354,6 @@ class PPO:
                     kls.append(float(stats["approx_kl"]))
                     if cfg.kl_adapt_every == "minibatch":
                         self._adapt_lr(kls[-1])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
                 finite = torch.isfinite(grad_norm)
                 if self.aux_params:  # auxiliary nets (e.g. PMOE's Q) are clipped on their own
@@ -364,8 +377,8 @@ class PPO:
             with torch.no_grad():
                 reg = self.policy.regularizer(b_obs, b_rec)
             if reg is not None:
-                out["train/entropy"] = float(reg.mean())
-        out["train/explained_variance"] = explained_variance(b_val, b_ret)
+                out["train/entropy"] = float(self.dist.mean_stats({"e": reg.mean()})["e"])
+        out["train/explained_variance"] = self.dist.explained_variance(b_val, b_ret)
         out["train/learning_rate"] = self.optimizer.param_groups[0]["lr"]
         out["train/n_updates"] = float(n_updates)
         out["train/early_stop"] = float(stop)
@@ -420,3 +433,6 @@ class PPO:
         self.generator.set_state(state["rng.generator"])
         self.global_step = int(state["global_step"])
         self.iteration = int(state["iteration"])
+        if int(state.get("world_size", 1)) != self.dist.world_size:  # resumed with another number of processes
+            self.iteration = self.global_step // self.steps_per_iter
+        self._stats_base = None  # data-parallel: rank 0's normaliser statistics are shared at the next rollout
