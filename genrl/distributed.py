@@ -29,9 +29,14 @@ What a rank does in on-policy control (PPO with every family, GoRL) and behaviou
 * **episodes**: returns and lengths are gathered, so rank 0 logs the global ones.
 
 Checkpoints (``genrl.trainer.save_state``) are written by rank 0 alone: the one-process layout
-(its own state) plus ``rank<r>.safetensors`` per other rank (``rank_state``). Later users: SAC
-(per-rank buffers + ``average_grads``), Flow-GRPO (``ShardedSampler`` over prompts,
-``all_gather_rows`` of rewards for group advantages).
+(its own state) plus ``rank<r>.safetensors`` per other rank (``rank_state``).
+
+SAC (``genrl.algos.sac``): per-rank envs and buffers, the global batch split into per-rank shards,
+critic / actor / temperature gradients averaged. Flow-GRPO / G2RPO (``genrl.algos.grpo``): prompts
+and initial noise from a stream every rank shares, each rank samples and scores its share of the
+images (Flow-GRPO: consecutive image rows, so a group may span ranks; G2RPO: whole prompts), the
+rewards are gathered so group advantages are those of one process, the LoRA (or full) gradients
+are averaged.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from torch import Tensor
 from genrl.errors import CheckpointError, ConfigError, DistributedError, GenrlError
 
 MODES = ("auto", "off", "ddp")
-SUPPORTED = ("ppo", "bc", "sac")
+SUPPORTED = ("ppo", "bc", "sac", "flow-grpo", "g2rpo")
 """Algorithms that run data-parallel (ppo: every policy family, GoRL included; sac: Gaussian and PMOE)."""
 RANK_SEED_STRIDE = 1_000_000_007
 RANK_LOCAL_KEYS = ("next_obs", "rng.generator")
@@ -62,7 +67,7 @@ declare its own as ``rank_local_keys``."""
 
 def check_supported(algo: str, policy: str = "") -> None:
     if algo not in SUPPORTED:
-        raise ConfigError(f"run.distributed: data-parallel training supports --algo ppo (every policy family and GoRL), sac and bc, not {algo}")
+        raise ConfigError(f"run.distributed: data-parallel training supports --algo ppo (every policy family and GoRL), sac, bc, flow-grpo and g2rpo, not {algo}")
     if algo == "sac" and policy == "gorl":
         raise ConfigError("run.distributed: GoRL over SAC runs in one process (data-parallel SAC takes --policy gaussian or pmoe; GoRL is data-parallel with --algo ppo)")
 

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from genrl.algos.grpo import GRPO
 from genrl.checkpoint import load_checkpoint, normal_permissions, save_checkpoint
 from genrl.config import TrainConfig
+from genrl.distributed import replica
 from genrl.errors import CheckpointError
 from genrl.images import before_after, evaluate_grid, export_model, model_card, save_grid
 from genrl.logger import Logger
@@ -52,19 +55,31 @@ def build_image(cfg: TrainConfig, run_dir: Path | None = None) -> GRPO:
     return GRPO(policy, env, g, algo=cfg.algo, seed=cfg.run.seed, total_images=cfg.run.total_steps)
 
 
-def save_image_state(algo: GRPO, cfg: TrainConfig, run_dir: Path) -> Path:
+def save_image_state(algo: GRPO, cfg: TrainConfig, run_dir: Path) -> Path | None:
     """Checkpoint ``checkpoints/<step>/`` through the one writer (``genrl.checkpoint``): the
-    trained weights in ``adapter.safetensors``, RNGs and EMA in ``trainer.safetensors``."""
-    st = algo.state_dict()
+    trained weights in ``adapter.safetensors``, RNGs and EMA in ``trainer.safetensors``. Several
+    processes: rank 0 writes, with each other rank's sampling stream and global RNG in
+    ``rank<r>.safetensors``; the other ranks return None."""
+    st, rep = algo.state_dict(), replica()
+    own = {"generator": st["generator"], "torch_global": torch.get_rng_state()}
+    files = rep.all_gather_bytes(save_bytes(own), "gathering every rank's state for the checkpoint") if rep.world_size > 1 else []
+    if not rep.is_main:
+        return None
     state = {"kind": "t2i", "algo": cfg.algo, "finetune": cfg.grpo.finetune, "iteration": st["iteration"], "global_step": algo.global_step,
              "optimizer_steps": st["optimizer_steps"], "config": cfg.to_dict()}  # fmt: skip
+    trainer = {**own, **st.get("ema", {})}
+    if rep.world_size > 1:
+        state["distributed"] = {"world_size": rep.world_size}
+        trainer["shared_generator"] = st["shared_generator"]
     return save_checkpoint(
-        run_dir, algo.global_step, trainer_tensors={"generator": st["generator"], "torch_global": torch.get_rng_state(), **st.get("ema", {})},
-        optimizer_state=st["optimizer"], state=state, tensor_files={"adapter": st["adapter"]},
+        run_dir, algo.global_step, trainer_tensors=trainer, optimizer_state=st["optimizer"], state=state,
+        tensor_files={"adapter": st["adapter"], **{f"rank{r}": load_bytes(files[r]) for r in range(1, rep.world_size)}},
     )  # fmt: skip
 
 
-def restore_image_state(algo: GRPO, cfg: TrainConfig, ckpt: Path) -> None:
+def restore_image_state(algo: GRPO, cfg: TrainConfig, ckpt: Path) -> str | None:
+    """Load ``ckpt`` into ``algo`` (each rank its own sampling stream); returns a note when the
+    number of processes changed (what then does not continue exactly), else None."""
     data = load_checkpoint(ckpt, files=_FILES)
     state, trainer = data["state"], data["trainer"]
     check_same_config(state.get("config"), cfg.to_dict(), ckpt)
@@ -72,13 +87,24 @@ def restore_image_state(algo: GRPO, cfg: TrainConfig, ckpt: Path) -> None:
         raise CheckpointError(f"{ckpt} is not a genrl text-to-image checkpoint")
     if state.get("algo") != cfg.algo or state.get("finetune") != cfg.grpo.finetune:
         raise CheckpointError(f"{ckpt} holds a {state.get('algo')}/{state.get('finetune')} run, the config says {cfg.algo}/{cfg.grpo.finetune}")
+    rep = replica()
+    saved = int(state.get("distributed", {}).get("world_size", 1))
+    own, note = trainer, None
+    if rep.rank > 0:  # this rank's own streams, or fresh ones when the checkpoint has none for it
+        own = data["tensors"].get(f"rank{rep.rank}") or {"generator": algo.generator.get_state(), "torch_global": torch.get_rng_state()}
+    if saved != rep.world_size:
+        note = (f"resuming a {saved}-process checkpoint with {rep.world_size} process{'es' if rep.world_size > 1 else ''}: the weights, optimiser "
+                "and prompt stream continue exactly, the images' shares and sampling streams change; not bitwise the uninterrupted run")  # fmt: skip
+    shared = trainer.get("shared_generator", trainer["generator"])  # a one-process run's single stream drew its prompts
     try:
         ema = {k: v for k, v in trainer.items() if k.startswith("ema.")} or None
-        algo.load_state_dict({"adapter": data["tensors"]["adapter"], "optimizer": data["optimizer"], "generator": trainer["generator"],
-                              "iteration": state["iteration"], "optimizer_steps": state.get("optimizer_steps", 0), "ema": ema})  # fmt: skip
+        algo.load_state_dict({"adapter": data["tensors"]["adapter"], "optimizer": data["optimizer"], "generator": own["generator"],
+                              "shared_generator": shared, "iteration": state["iteration"], "optimizer_steps": state.get("optimizer_steps", 0),
+                              "ema": ema})  # fmt: skip
     except (KeyError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{ckpt} does not match this run: {str(exc).splitlines()[0]}") from None
-    torch.set_rng_state(trainer["torch_global"])
+    torch.set_rng_state(own["torch_global"])
+    return note
 
 
 def pin_paths(cfg: TrainConfig) -> TrainConfig:
@@ -120,8 +146,8 @@ class ImageTask:
         self.algo = build_image(cfg, None if fresh else run_dir)  # validates model, prompts and rewards first
         self.cfg = pin_paths(cfg) if fresh else cfg
 
-    def restore(self, ckpt: Path) -> None:
-        restore_image_state(self.algo, self.cfg, ckpt)
+    def restore(self, ckpt: Path) -> str | None:
+        return restore_image_state(self.algo, self.cfg, ckpt)
 
     def prepare(self, run_dir: Path, fresh: bool) -> None:
         if fresh:  # the run keeps its own prompts: an edited file cannot change a resume
@@ -131,7 +157,8 @@ class ImageTask:
         return f"fine-tuning {self.cfg.t2i.model} with {self.cfg.algo}, seed {self.cfg.run.seed}, into {run_dir}"
 
     def begin(self, logger: Logger) -> None:
-        logger.log(evaluate_grid(self.algo, self.cfg, logger.run_dir, 0), 0)  # the "before" grid and rewards
+        if replica().is_main:  # several processes: rank 0 alone evaluates and writes
+            logger.log(evaluate_grid(self.algo, self.cfg, logger.run_dir, 0), 0)  # the "before" grid and rewards
 
     def evaluate(self, step: int) -> dict[str, float]:
         return evaluate_grid(self.algo, self.cfg, self.run_dir, step)

@@ -391,19 +391,28 @@ def test_a_dead_rank_stops_the_others_with_one_line_and_the_checkpoint_intact(tm
 def test_unsupported_combinations_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     from genrl.distributed import session
 
-    for algo in ("flow-grpo", "g2rpo"):
-        with pytest.raises(ConfigError) as err:
-            config_from_dict({"env": "t2i", "algo": algo, "run": {"distributed": "ddp"}})
-        assert "\n" not in str(err.value) and f"supports --algo ppo (every policy family and GoRL), sac and bc, not {algo}" in str(err.value)
-    with pytest.raises(ConfigError, match="GoRL over SAC runs in one process"):
+    with pytest.raises(ConfigError) as err:
         config_from_dict({"algo": "sac", "policy": "gorl", "run": {"distributed": "ddp"}})
+    assert "\n" not in str(err.value) and "GoRL over SAC runs in one process" in str(err.value)
+    import genrl.algos.grpo as grpo
+    from genrl.distributed import Replica
+    from genrl.image_trainer import build_image
+
+    monkeypatch.setattr(grpo, "replica", lambda: Replica(0, 2))  # what a rank of 2 checks before any collective
+    for algo, over, match in (
+        ("flow-grpo", {"drop_zero_advantage": True}, "drop_zero_advantage runs in one process"),
+        ("flow-grpo", {"prompts_per_iter": 3, "group_size": 3}, "9 images per iteration do not split into 2 equal shards"),
+        ("g2rpo", {"prompts_per_iter": 3}, "prompts_per_iter = 3 does not split into 2 processes"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            build_image(_image_cfg(algo, **over))
     with pytest.raises(ConfigError, match="invalid run.distributed"):
         config_from_dict({"run": {"distributed": "fsdp"}})
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="needs a launcher: torchrun"), session("ddp", "ppo", "cpu", 1.0):
         pass
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="not flow-grpo"), session("auto", "flow-grpo", "cpu", 1.0):
+    with pytest.raises(ConfigError, match="not compose"), session("auto", "compose", "cpu", 1.0):
         pass
     with pytest.raises(ConfigError, match="one of 2 processes torchrun started"), session("off", "ppo", "cpu", 1.0):
         pass
@@ -529,3 +538,123 @@ def test_sac_ranks_keep_their_own_buffers_and_resume_bitwise(sac2: Path, tmp_pat
     assert _spawn(_train_worker, same, True) == [0, 0]
     _same_checkpoint(final, same / "checkpoints" / "400")
     assert _progress(same) == _progress(sac2)
+
+
+# -- Flow-GRPO / G2RPO: shared prompts, each rank's images, gathered rewards ------------------------
+def _image_cfg(algo: str, out: Path | None = None, total: int | None = None, **grpo: Any) -> Any:
+    prompts = 3 if algo == "flow-grpo" else 2  # Flow-GRPO: 3 x 2 images, so the middle group spans the two ranks
+    return config_from_dict({
+        "env": "t2i", "algo": algo, "model": "digits", "reward": "digit",
+        "grpo": {"n_steps": 3, "group_size": 2, "prompts_per_iter": prompts, "lora_rank": 2, "eval_n_steps": 2, **grpo},
+        "run": {"total_steps": total or 24, "seed": 7, "progress": False, "distributed_timeout_s": TIMEOUT_S, "eval_episodes": 1,
+                **({"out": str(out), "save_every": 1, "keep_checkpoints": 0} if out else {})},
+    })  # fmt: skip
+
+
+def _image_batch_and_grads(algo: Any, batch: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, torch.Tensor]]]:
+    """A collected batch (or ``batch``) and the gradients of every optimiser step of its update
+    (the steps themselves skipped, so each gradient is taken at the same weights)."""
+    from genrl.algos.grpo import _Timer
+
+    batch = batch or algo.collect(_Timer())
+    grads: list[dict[str, torch.Tensor]] = []
+    names = {id(p): n for n, p in algo.policy.named_parameters()}
+    algo.optimizer.step = lambda *a, **k: grads.append({names[id(p)]: p.grad.clone() for p in algo.params})
+    algo.update(batch)
+    return batch, grads
+
+
+_IMAGE_KEYS = {"flow-grpo": ("x", "x_next", "log_prob", "mean", "advantages"), "g2rpo": ("anchors", "x_next", "log_prob", "mean", "advantages")}
+
+
+def _image_update_worker(rank: int, world: int, out: Path) -> None:
+    from genrl.distributed import session
+    from genrl.image_trainer import build_image
+
+    with session("ddp", "flow-grpo", "cpu", TIMEOUT_S):
+        for name in ("flow-grpo", "g2rpo"):
+            algo = build_image(_image_cfg(name))
+            batch, grads = _image_batch_and_grads(algo)
+            prompts = {f"prompt{i}": torch.tensor(list(p.encode())) for i, p in enumerate(batch["prompts"])}
+            scores = {f"score.{k}": v for k, v in batch["scores"].items()}
+            dim = 0 if name == "flow-grpo" else 1
+            save_file({**{k: batch[k].contiguous() for k in _IMAGE_KEYS[name]}, **prompts, **scores, "dim": torch.tensor(dim),
+                       **{f"grad{i}.{n}": g for i, step in enumerate(grads) for n, g in step.items()}}, str(out / f"{name}{rank}.safetensors"))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def image_numbers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("image_numbers")
+    assert _spawn(_image_update_worker, out) == [0, 0]
+    return out
+
+
+@pytest.mark.parametrize("name", ["flow-grpo", "g2rpo"])
+def test_image_groups_span_ranks_and_the_update_equals_one_process(image_numbers: Path, name: str) -> None:
+    from genrl.advantages import aggregate_advantages
+    from genrl.algos.grpo import trained_steps
+    from genrl.image_trainer import build_image
+    from genrl_policies.t2i import Conditioning
+
+    ranks = [load_file(str(image_numbers / f"{name}{r}.safetensors")) for r in range(2)]
+    dim = int(ranks[0]["dim"])
+    for key in ranks[0]:
+        if key.startswith(("grad", "score.")):  # identical averaged gradients; every rank saw every reward
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+    ref = build_image(_image_cfg(name))  # one process, the same seed: the same prompts and initial noise
+    prompts = ref._prompts()
+    seen = [[bytes(r[f"prompt{i}"].tolist()).decode() for i in range(sum(k.startswith("prompt") for k in r))] for r in ranks]
+    assert seen == ([prompts, prompts] if name == "flow-grpo" else [prompts[:1], prompts[1:]])  # G2RPO: each rank its whole prompts
+    full = {k: torch.cat([r[k] for r in ranks], dim=dim) for k in _IMAGE_KEYS[name]}
+    G = ref.cfg.group_size
+    if name == "flow-grpo":
+        grouped = {k[6:]: v.reshape(len(prompts), G) for k, v in ranks[0].items() if k.startswith("score.")}
+        want = aggregate_advantages(grouped, ref.env.rewards.weights, mode=ref.aggregation, std_scope=ref.cfg.std_scope, ddof=ref.ddof, eps=ref.eps)
+        torch.testing.assert_close(full["advantages"], want.reshape(-1).clamp(-ref.cfg.adv_clip, ref.cfg.adv_clip))  # a group across ranks
+        x0 = ref.env.initial_noise(len(prompts) * G, ref.shared)
+        assert torch.equal(full["x"][:, 0], x0)  # the shared stream's initial noise, split by rows
+        batch = {**full, "prompts": prompts, "steps": trained_steps(ref.cfg), "cond": Conditioning(*ref.env.encode(prompts)).repeat_interleave(G)}
+    else:
+        x0 = ref.env.initial_noise(len(prompts), ref.shared)
+        assert torch.equal(full["anchors"][0], x0)  # each rank's whole prompts, the shared initial noise
+        batch = {**full, "prompts": prompts, "cond_p": Conditioning(*ref.env.encode(prompts))}
+    _, grads = _image_batch_and_grads(ref, batch)
+    assert len(grads) == sum(1 for k in ranks[0] if k.startswith("grad") and k.endswith(next(iter(grads[0]))))
+    for i, step in enumerate(grads):
+        for n, g in step.items():
+            torch.testing.assert_close(ranks[0][f"grad{i}.{n}"], g, rtol=1e-4, atol=1e-7, msg=f"step {i} {n}")
+
+
+def _image_train_worker(rank: int, world: int, out: Path, resume: bool) -> None:
+    import genrl.image_trainer as image_trainer
+    from genrl.checkpoint import latest_checkpoint
+    from genrl.trainer import train
+
+    if rank > 0:
+
+        def refuse(*_: Any, **__: Any) -> None:
+            raise AssertionError(f"rank {rank} wrote to the run folder")
+
+        image_trainer.save_checkpoint = image_trainer.export_model = image_trainer.evaluate_grid = refuse  # type: ignore[assignment]
+    run = train(resume=out) if resume else train(_image_cfg("flow-grpo", out, total=24))
+    save_file(load_file(str(latest_checkpoint(run) / "adapter.safetensors")), str(out.parent / f"{out.name}-adapter{rank}.safetensors"))
+
+
+def test_flow_grpo_run_on_two_processes_writes_once_and_resumes_bitwise(tmp_path: Path) -> None:
+    from genrl.checkpoint import checkpoint_steps, load_checkpoint
+
+    run = tmp_path / "run"
+    assert _spawn(_image_train_worker, run, False) == [0, 0]
+    a = [load_file(str(tmp_path / f"run-adapter{r}.safetensors")) for r in range(2)]
+    assert all(torch.equal(a[0][k], a[1][k]) for k in a[0])  # identical replicas
+    assert checkpoint_steps(run) == [6, 12, 18, 24] and (run / "final").is_dir()
+    ckpt = load_checkpoint(run / "checkpoints" / "24", files=("adapter.safetensors", "trainer.safetensors", "state.json"))
+    assert ckpt["state"]["distributed"] == {"world_size": 2} and "rank1" in ckpt["tensors"]
+    assert not torch.equal(ckpt["tensors"]["rank1"]["generator"], ckpt["trainer"]["generator"])  # each rank's own SDE noise
+    same = tmp_path / "same"
+    shutil.copytree(run, same)
+    for step in (18, 24):
+        shutil.rmtree(same / "checkpoints" / str(step))
+    assert _spawn(_image_train_worker, same, True) == [0, 0]
+    _same_checkpoint(run / "checkpoints" / "24", same / "checkpoints" / "24")
+    assert _progress(same) == _progress(run)

@@ -34,9 +34,13 @@ class FlowGRPO(GRPO):
         prompts = self._prompts()
         cond = Conditioning(*env.encode(prompts)).repeat_interleave(G)
         if cfg.same_initial_noise:
-            x = env.initial_noise(len(prompts), self.generator).repeat_interleave(G, dim=0)
+            x = env.initial_noise(len(prompts), self.shared).repeat_interleave(G, dim=0)
         else:
-            x = env.initial_noise(len(prompts) * G, self.generator)
+            x = env.initial_noise(len(prompts) * G, self.shared)
+        flat_prompts = [p for p in prompts for _ in range(G)]
+        mine = self._share(len(flat_prompts))  # data-parallel: this rank's images (a group may span ranks)
+        if self.dist.world_size > 1:
+            cond, x, flat_prompts = cond.index(mine), x[mine], flat_prompts[mine]
         train = trained_steps(cfg)
         stochastic = set(cfg.sde_steps) if cfg.sde_steps else set(range(cfg.n_steps))
         xs, nexts, lps, means = [], [], [], []
@@ -51,12 +55,12 @@ class FlowGRPO(GRPO):
         timer.add("sample", t0)
         t0 = time.perf_counter()
         images = env.decode(x)
-        flat_prompts = [p for p in prompts for _ in range(G)]
-        scores = env.score(images, flat_prompts)
+        scores = env.score(images, flat_prompts)  # rewards where the images are
         timer.add("reward", t0)
-        grouped = {k: v.to(self.device).reshape(len(prompts), G) for k, v in scores.items()}
+        scores = {k: self._gather(v.to(self.device)) for k, v in scores.items()}  # every rank's, so groups are whole
+        grouped = {k: v.reshape(len(prompts), G) for k, v in scores.items()}
         adv = aggregate_advantages(grouped, env.rewards.weights, mode=self.aggregation, std_scope=cfg.std_scope, ddof=self.ddof, eps=self.eps)
-        adv = adv.reshape(-1).clamp(-cfg.adv_clip, cfg.adv_clip)
+        adv = adv.reshape(-1).clamp(-cfg.adv_clip, cfg.adv_clip)[mine]
         return {
             "prompts": prompts, "cond": cond, "steps": train, "x": torch.stack(xs, 1), "x_next": torch.stack(nexts, 1),
             "log_prob": torch.stack(lps, 1), "mean": torch.stack(means, 1), "advantages": adv, "scores": scores, "images": images,

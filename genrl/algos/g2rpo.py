@@ -33,10 +33,13 @@ class G2RPO(GRPO):
         cfg, env, G, T = self.cfg, self.env, self.cfg.group_size, self.cfg.n_steps
         t0 = time.perf_counter()
         prompts = self._prompts()
+        x = env.initial_noise(len(prompts), self.shared)
+        mine = self._share(len(prompts))  # data-parallel: this rank's whole prompts (groups stay on one rank)
+        if self.dist.world_size > 1:
+            prompts, x = prompts[mine], x[mine]
         P = len(prompts)
         cond_p = Conditioning(*env.encode(prompts))
         cond = cond_p.repeat_interleave(G)
-        x = env.initial_noise(P, self.generator)
         anchors = []
         for k in range(self.m_steps):  # the anchor only needs to reach the last optimised step
             anchors.append(x)
@@ -59,12 +62,13 @@ class G2RPO(GRPO):
         flat_prompts = [p for p in prompts for _ in range(G)] * (self.m_steps * L)
         scores = env.score(images, flat_prompts)
         timer.add("reward", t0)
-        grouped = {k: v.to(self.device).reshape(self.m_steps, L, P, G) for k, v in scores.items()}
+        grouped = {k: self._gather(v.to(self.device).reshape(self.m_steps, L, P, G), dim=2) for k, v in scores.items()}  # every rank's prompts
         inner = "per_reward" if self.aggregation == "gdpo" else self.aggregation
         adv = aggregate_advantages(grouped, env.rewards.weights, mode=inner, std_scope="group", ddof=self.ddof, eps=self.eps).sum(dim=1)
-        if self.aggregation == "gdpo":  # GDPO over the lambda-summed advantages
+        if self.aggregation == "gdpo":  # GDPO over the lambda-summed advantages (of the global batch)
             adv = batch_normalize(adv, ddof=self.ddof, eps=self.eps)
-        adv = adv.reshape(self.m_steps, P * G).clamp(-cfg.adv_clip, cfg.adv_clip)
+        adv = adv[:, mine].reshape(self.m_steps, P * G).clamp(-cfg.adv_clip, cfg.adv_clip)
+        scores = {k: v.reshape(-1) for k, v in grouped.items()}
         return {
             "prompts": prompts, "cond_p": cond_p, "anchors": torch.stack(anchors), "x_next": torch.stack(branches),
             "log_prob": torch.stack(lps), "mean": torch.stack(means), "advantages": adv, "scores": scores, "images": images,

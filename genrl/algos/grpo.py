@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from genrl.distributed import replica
 from genrl.errors import ConfigError, NonFiniteLossError, check_weights
 from genrl_policies.t2i import Conditioning, FlowImagePolicy, SDEStep, guard_log_ratio, kl_to_reference
 
@@ -253,7 +254,13 @@ class GRPO:
         self.aggregation = cfg.reward_aggregation or ("per_reward" if g2 else "sum")
         self.m_steps = cfg.g2rpo_steps if cfg.g2rpo_steps is not None else max(1, cfg.n_steps // 2)
         self.device = env.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # data-parallel (genrl.distributed): prompts and initial noise from a stream every rank
+        # shares, each rank's share of the images, its SDE noise from its own stream
+        self.dist = replica()
+        self.generator = torch.Generator(device=self.device).manual_seed(self.dist.seed(seed))
+        self.shared = self.generator if self.dist.world_size == 1 else torch.Generator(device=self.device).manual_seed(seed)
+        if self.dist.world_size > 1:
+            self._check_shards(cfg, algo)
         if cfg.kl_coef > 0:
             policy.keep_reference()
         self.params = params = policy.trainable_parameters()
@@ -272,6 +279,27 @@ class GRPO:
             self.images_per_iter *= self.m_steps * len(cfg.granularities)
         self.n_iterations = max(1, -(-total_images // self.images_per_iter))
         self.iteration = 0
+
+    def _check_shards(self, cfg: GRPOConfig, algo: str) -> None:
+        w, n = self.dist.world_size, cfg.prompts_per_iter * cfg.group_size
+        if algo == "g2rpo" and cfg.prompts_per_iter % w:
+            raise ConfigError(f"grpo.prompts_per_iter = {cfg.prompts_per_iter} does not split into {w} processes (G2RPO shards whole prompts)")
+        if algo == "flow-grpo" and (n % w or n // w < cfg.updates_per_epoch):
+            raise ConfigError(f"{n} images per iteration do not split into {w} equal shards of at least grpo.updates_per_epoch = {cfg.updates_per_epoch}")
+        if cfg.drop_zero_advantage:
+            raise ConfigError("grpo.drop_zero_advantage runs in one process (ranks would keep different numbers of samples)")
+
+    def _share(self, n: int) -> slice:
+        """This rank's rows of ``n`` (equal consecutive shares, rank order)."""
+        k = n // self.dist.world_size
+        return slice(self.dist.rank * k, (self.dist.rank + 1) * k)
+
+    def _gather(self, x: Tensor, dim: int = 0) -> Tensor:
+        """Every rank's ``x`` concatenated along ``dim`` in rank order (one process: ``x``)."""
+        if self.dist.world_size == 1:
+            return x
+        parts = self.dist.all_gather_rows(x.movedim(dim, 0).contiguous(), "gathering rewards")
+        return torch.cat(parts).movedim(0, dim)
 
     @property
     def global_step(self) -> int:
@@ -320,9 +348,9 @@ class GRPO:
     def _prompts(self) -> list[str]:
         n, pool = self.cfg.prompts_per_iter, self.env.prompts
         if n <= len(pool):
-            idx = torch.randperm(len(pool), generator=self.generator)[:n]
+            idx = torch.randperm(len(pool), generator=self.shared)[:n]
         else:
-            idx = torch.randint(len(pool), (n,), generator=self.generator)
+            idx = torch.randint(len(pool), (n,), generator=self.shared)
         return [pool[i] for i in idx.tolist()]
 
     def _step(self, x: Tensor, i: int, cond: Conditioning, eta: float, **kw: Any) -> SDEStep:
@@ -350,7 +378,12 @@ class GRPO:
         return kl_to_reference(new.mean, ref_mean, new.std, dt, self.cfg.kl)
 
     def _finish(self, loss: Tensor) -> float:
-        if not torch.isfinite(loss):
+        bad = not torch.isfinite(loss)
+        if self.dist.world_size > 1:  # every rank stops alike; then the gradient of the global batch
+            bad = self.dist.any(bad)[0]
+            if not bad:
+                self.dist.average_grads(self.params)
+        if bad:
             raise NonFiniteLossError(f"non-finite GRPO loss at iteration {self.iteration}")
         gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if not torch.isfinite(gn):
@@ -372,6 +405,8 @@ class GRPO:
         t0 = time.perf_counter()
         self.policy.train()
         stats = self.update(batch)
+        if self.dist.world_size > 1:  # the ranks' minibatch statistics averaged
+            stats = {k: float(v) for k, v in self.dist.mean_stats({k: torch.tensor(v, dtype=torch.float64) for k, v in stats.items()}).items()}
         timer.add("train", t0)
         self.iteration += 1
         total = self.env.rewards.total(batch["scores"])
@@ -404,6 +439,7 @@ class GRPO:
             "adapter": self.policy.adapter_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
+            **({"shared_generator": self.shared.get_state()} if self.dist.world_size > 1 else {}),
             "iteration": self.iteration,
             "optimizer_steps": self.optimizer_steps,
         }
@@ -415,6 +451,8 @@ class GRPO:
         self.policy.load_adapter_state_dict(state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if self.dist.world_size > 1:
+            self.shared.set_state(state["shared_generator"])
         self.iteration = int(state["iteration"])
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
         if self.ema is not None:
