@@ -194,6 +194,8 @@ class FlowImagePolicy(nn.Module):
         self.noise_level = float(noise_level)
         self.cfg_gradient = cfg_gradient
         self.timestep_levels = timestep_levels
+        self.autocast: torch.dtype | None = None
+        """torch.autocast dtype of the transformer's forward (None: the weights' own dtype)."""
         self._reference: nn.Module | None = None
         transformer.requires_grad_(finetune == "full")
         if finetune == "lora":
@@ -218,7 +220,14 @@ class FlowImagePolicy(nn.Module):
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
-        """The (guided) velocity at ``x`` (B,C,H,W) and ``sigma`` (B,); one batched forward with CFG."""
+        """The (guided) velocity at ``x`` (B,C,H,W) and ``sigma`` (B,); one batched forward with CFG
+        (under ``torch.autocast(self.autocast)`` when set; the result is float32 either way)."""
+        if self.autocast is None:
+            return self._velocity(x, sigma, cond)
+        with torch.autocast(x.device.type, dtype=self.autocast):
+            return self._velocity(x, sigma, cond).float()
+
+    def _velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         g = self.guidance_scale
         if self.is_flux:
             return self._flux_velocity(x, sigma, cond)

@@ -78,6 +78,7 @@ class FlowGRPO(GRPO):
             stats["kept_fraction"] = [keep.numel() / n]
             if keep.numel() == 0:
                 return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
+        first_step, drift = self.optimizer_steps, 0.0
         for _ in range(cfg.n_epochs):
             order = keep[torch.randperm(keep.numel(), generator=self.generator)] if cfg.updates_per_epoch > 1 else keep
             for mb in order.chunk(cfg.updates_per_epoch):
@@ -98,8 +99,11 @@ class FlowGRPO(GRPO):
                     stats["clip_fraction"].append(float(st["clip_fraction"]))
                     stats["approx_kl"].append(float(st["approx_kl"]))
                     stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
+                    if self.optimizer_steps == first_step:  # on-policy: sampling vs training log-probs (precision drift)
+                        drift = max(drift, float(log_ratio.detach().abs().max()))
                 stats["grad_norm"].append(self._finish(total))
                 stats["loss"].append(float(total))
+        stats["onpolicy_log_ratio_max"] = [drift]
         return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
 
     collect_flow_grpo = collect

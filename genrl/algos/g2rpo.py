@@ -99,6 +99,8 @@ class G2RPO(GRPO):
                 stats["clip_fraction"].append(float(st["clip_fraction"]))
                 stats["approx_kl"].append(float(st["approx_kl"]))
                 stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
+                if "onpolicy_log_ratio_max" not in stats:  # before the first optimiser step: sampling vs training (precision drift)
+                    stats["onpolicy_log_ratio_max"] = [float(log_ratio.detach().abs().max())]
         return {f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v}
 
     collect_g2rpo = collect

@@ -112,6 +112,11 @@ class GRPOConfig:
     drop_zero_advantage: bool = False
     """Flow-GRPO: train only on images whose advantage is non-zero (groups whose rewards are all
     equal carry no signal); random dropped ones are put back to keep minibatches equal."""
+    autocast: str = "off"
+    """Mixed precision for the transformer's forward in sampling and training: "off", "bfloat16"
+    or "float16" (``torch.autocast``; trained weights stay float32). The log-prob drift between
+    sampling and training it causes is logged as ``train/onpolicy_log_ratio_max`` (max |log ratio|
+    before the iteration's first optimiser step, 0 without drift)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -146,6 +151,7 @@ class GRPOConfig:
             ("continuation", self.continuation, CONTINUATIONS),
             ("cfg_gradient", self.cfg_gradient, ("conditional", "both")),
             ("schedule", self.schedule, (None, "pipeline", "shifted")),
+            ("autocast", self.autocast, ("off", "bfloat16", "float16")),
         ):
             if value not in valid:
                 raise ConfigError(f"invalid grpo.{name} = {value!r}; valid: {', '.join(str(v) for v in valid)}")
@@ -269,6 +275,7 @@ class GRPO:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
         self.schedule = cfg.schedule or ("shifted" if g2 and getattr(env, "flux", False) else "pipeline")
         policy.cfg_gradient = cfg.cfg_gradient
+        policy.autocast = None if cfg.autocast == "off" else getattr(torch, cfg.autocast)
         policy.timestep_levels = 1000 if self.schedule == "shifted" else None
         self.sigmas = self.schedule_sigmas(cfg.n_steps)
         # EMA of the trained weights (Flow-GRPO's EMAModuleWrapper), float32, outside the optimiser
