@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", help="a method's paper settings under your own: paper (the family's) or a name from `genrl presets`")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, repeatable, e.g. --set ppo.learning_rate=1e-4")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest readable checkpoint")
+    t.add_argument("--dry-run", action="store_true", dest="dry_run",
+                   help="check the config and print the model sizes and estimated peak memory per device, then exit; writes nothing")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar (one log line per iteration instead)")
     t.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (pip install genrl[wandb]; WANDB_MODE=offline works)")
 
@@ -188,11 +190,40 @@ def _train(args: argparse.Namespace) -> int:
             from genrl_envs import check_env_id
 
             check_env_id(cfg.env.env_id)
+        if args.dry_run:
+            print(_dry_run(cfg, image))
+            return 0
         run = train(cfg)
     extra = ", images/" if (Path(run) / "images").is_dir() else ""
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
         print(f"run written to {run} (progress.csv, tb/, checkpoints/, curves.png, final/{extra})")
     return 0
+
+
+def _dry_run(cfg: Any, image: bool) -> str:
+    """What ``--dry-run`` prints: the estimate of genrl.memory (t2i), or the networks' and the
+    replay buffer's sizes (control); nothing is written."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if image:
+        from genrl.memory import estimate_image_memory, format_estimate
+
+        return format_estimate(estimate_image_memory(cfg, world_size=world))
+    import torch
+
+    from genrl.trainer import build
+
+    algo = build(cfg)
+    try:
+        nets = {n: sum(p.numel() for p in m.parameters()) for n in ("policy", "critic") if isinstance(m := getattr(algo, n, None), torch.nn.Module)}
+        lines = [f"{cfg.algo} / {cfg.policy} on {cfg.env.env_id}: " + ", ".join(f"{n} {c:,} parameters" for n, c in nets.items())]
+        buffer = getattr(algo, "buffer", None)
+        if buffer is not None:
+            size = sum(t.numel() * t.element_size() for t in vars(buffer).values() if isinstance(t, torch.Tensor))
+            lines.append(f"replay buffer: {buffer.rows:,} rows x {buffer.n_envs} envs = {size / 2**30:.2f} GiB on {cfg.run.device} (per process)")
+        lines.append(f"{algo.n_iterations} iterations of {algo.steps_per_iter} env steps ({world} process(es))")
+        return "\n".join(lines)
+    finally:
+        algo.env.close()
 
 
 def _is_image_run(run: Path) -> bool:

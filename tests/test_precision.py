@@ -41,7 +41,7 @@ def test_autocast_changes_the_forward_and_keeps_float32_outputs_and_weights(dtyp
 
 
 @pytest.mark.parametrize("algo", ["flow-grpo", "g2rpo"])
-@pytest.mark.parametrize("autocast", ["off", "bfloat16"])
+@pytest.mark.parametrize("autocast", ["off", "bfloat16", "float16"])
 def test_onpolicy_log_ratio_drift_is_logged_and_zero_on_cpu(algo: str, autocast: str) -> None:
     metrics = _algo(algo, autocast).iterate()
     # the same dtype, weights and batch-independent CPU kernels in sampling and training: ratio exactly 1
@@ -51,3 +51,22 @@ def test_onpolicy_log_ratio_drift_is_logged_and_zero_on_cpu(algo: str, autocast:
 def test_invalid_autocast_is_a_one_line_error() -> None:
     with pytest.raises(ConfigError, match="invalid grpo.autocast = 'fp8'; valid: off, bfloat16, float16"):
         config_from_dict({"env": "t2i", "algo": "flow-grpo", "grpo": {"autocast": "fp8"}})
+
+
+def test_gradient_checkpointing_leaves_the_gradients_unchanged() -> None:
+    from genrl.image_trainer import build_image
+
+    grads = []
+    for ckpt in (False, True):
+        algo = build_image(config_from_dict({
+            "env": "t2i", "algo": "flow-grpo", "model": "digits", "reward": "digit",
+            "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, "gradient_checkpointing": ckpt},
+            "run": {"total_steps": 8, "seed": 1, "progress": False},
+        }))  # fmt: skip
+        assert algo.policy.transformer.gradient_checkpointing is ckpt
+        x = algo.env.initial_noise(4, torch.Generator().manual_seed(0))
+        cond = Conditioning(*algo.env.encode(["a handwritten 7"] * 4))
+        algo.policy.train()
+        algo.policy.velocity(x, algo.sigmas[1].expand(4), cond).square().mean().backward()
+        grads.append([p.grad.clone() for p in algo.params])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))  # a deterministic recompute: bit for bit

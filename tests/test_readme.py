@@ -86,6 +86,14 @@ def tiny_genrl(argv: list[str]) -> list[str]:
     return [*args, *(T2I_TINY if t2i else CONTROL_TINY)]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def shell_commands() -> list[str]:
     return [c for b in blocks("bash") for c in commands(b)]
 
@@ -114,6 +122,15 @@ def test_readme_genrl_commands_and_python_blocks_run(tmp_path: Path, monkeypatch
                 tiny = tiny_genrl(argv[1:])
                 code = cli.main(tiny)
                 assert code == 0, (part, tiny, capsys.readouterr().err)
+                ran += 1
+            elif argv[0] == "torchrun" and "cuda" not in argv:  # the CPU (gloo) launch; the GPU ones need GPUs
+                at = argv.index("-m")
+                launcher = [a for a in argv[1:at] if not a.startswith("--master_port")]
+                cmd_tiny = [sys.executable, "-m", "torch.distributed.run", *launcher, "--master_port", str(_free_port()), "-m", "genrl",
+                            *tiny_genrl(argv[at + 2 :]), "--out", str(tmp_path / "ddp-run")]  # fmt: skip
+                done = subprocess.run(cmd_tiny, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                assert done.returncode == 0, (part, done.stderr[-3000:])
+                assert (tmp_path / "ddp-run" / "final").is_dir()
                 ran += 1
     assert ran >= 10
     for block in blocks("python"):

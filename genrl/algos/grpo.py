@@ -80,6 +80,10 @@ class GRPOConfig:
     finetune: str = "lora"
     lora_rank: int = 32
     lora_alpha: float = 64.0
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of storing them
+    (diffusers' ``enable_gradient_checkpointing``): training memory per block falls to its input,
+    for about one more forward of compute. Gradients are unchanged."""
     guidance_scale: float | None = None
     resolution: int | None = None
     eval_n_steps: int | None = None
@@ -276,6 +280,10 @@ class GRPO:
         self.schedule = cfg.schedule or ("shifted" if g2 and getattr(env, "flux", False) else "pipeline")
         policy.cfg_gradient = cfg.cfg_gradient
         policy.autocast = None if cfg.autocast == "off" else getattr(torch, cfg.autocast)
+        if cfg.gradient_checkpointing:
+            if not hasattr(policy.transformer, "enable_gradient_checkpointing"):
+                raise ConfigError(f"grpo.gradient_checkpointing: {type(policy.transformer).__name__} does not support it")
+            policy.transformer.enable_gradient_checkpointing()
         policy.timestep_levels = 1000 if self.schedule == "shifted" else None
         self.sigmas = self.schedule_sigmas(cfg.n_steps)
         # EMA of the trained weights (Flow-GRPO's EMAModuleWrapper), float32, outside the optimiser
