@@ -55,6 +55,8 @@ def run_one(procs: int, seed: int, args: argparse.Namespace, runs: Path) -> dict
     else:
         train = ["-m", "genrl", "train", "--env", args.env, "--policy", "gaussian", "--n-envs", str(args.n_envs // procs),
                  "--eval-episodes", str(args.eval_episodes), "--set", f"ppo.n_steps={args.n_steps}", *common]  # fmt: skip
+    for item in args.sets:
+        train += ["--set", item]
     if procs == 1:
         cmd = [sys.executable, *train]
     else:
@@ -83,12 +85,13 @@ def main() -> int:
     p.add_argument("--n-envs", type=int, default=2, dest="n_envs", help="envs in total (split over the processes)")
     p.add_argument("--n-steps", type=int, default=2048, dest="n_steps", help="ppo.n_steps (rollout length per env)")
     p.add_argument("--eval-episodes", type=int, default=10, dest="eval_episodes")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE", help="more config fields for both runs (genrl train --set)")
     p.add_argument("--baseline-threads", type=int, default=1, dest="baseline_threads", help="torch threads of the 1-process run (each of N processes: 1)")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "distributed"))
     args = p.parse_args()
     if args.n_envs % args.procs:
         raise SystemExit(f"--n-envs {args.n_envs} does not split over --procs {args.procs}")
-    out = Path(args.out) / f"{args.algo}-t{args.baseline_threads}"
+    out = Path(args.out) / f"{args.algo}-t{args.baseline_threads}-e{args.n_envs}" / "-".join(x.replace("=", "") for x in args.sets)
     unit = "images" if args.algo == "flow-grpo" else "env steps"
     results = []
     for seed in range(1, args.seeds + 1):
@@ -105,7 +108,7 @@ def main() -> int:
     print(f"{what}: 1 process {summary['1']['sps']:.1f} {unit}/s, {args.procs} processes {summary[str(args.procs)]['sps']:.1f} "
           f"{unit}/s: throughput x{ratio:.2f}; eval {summary['1']['eval_return']:.3f} vs {summary[str(args.procs)]['eval_return']:.3f}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("algo", "env", "steps", "seeds", "procs", "n_envs", "n_steps", "eval_episodes", "baseline_threads")}
+    settings = {k: getattr(args, k) for k in ("algo", "env", "steps", "seeds", "procs", "n_envs", "n_steps", "eval_episodes", "baseline_threads", "sets")}
     (out / "results.json").write_text(json.dumps({"settings": settings, "runs": results, "summary": summary, "throughput_ratio": ratio}, indent=2))
     print(f"wrote {out / 'results.json'}")
     return 0
