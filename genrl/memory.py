@@ -13,7 +13,8 @@ The rest is arithmetic, per device (rank) of a ``W``-process run:
   weight, gradient and AdamW's two moments, 16 bytes each, 4 more with the EMA; full
   fine-tuning: gradient and two moments in the weights' dtype;
 * **activations** of one training forward, the largest term: a micro-batch of b rows (Flow-GRPO:
-  P·G / updates_per_epoch / W images, G2RPO: P / W prompts; twice that under CFG > 1) over s =
+  P·G / updates_per_epoch / W images, at most ``grpo.micro_batch``; G2RPO: P / W prompts; twice
+  that under CFG > 1) over s =
   s_image + s_text tokens, per transformer block ``34 s b h`` bytes at 16 bits (Korthikanti et al.
   2022, "Reducing Activation Recomputation in Large Transformer Models", with flash /
   memory-efficient attention, so no s² term), doubled for float32 activations; with
@@ -117,6 +118,7 @@ def estimate_image_memory(cfg: Any, world_size: int = 1) -> dict[str, Any]:
         rows = -(-g.prompts_per_iter // world_size)
     else:
         rows = -(-(g.prompts_per_iter * g.group_size) // (g.updates_per_epoch * world_size))
+        rows = min(rows, g.micro_batch or rows)
     b = rows * cfg_rows
     act_bytes = 2 if (g.autocast != "off" or wbytes == 2) else 4
     per_block = 34 * s * b * h * act_bytes // 2

@@ -83,24 +83,30 @@ class FlowGRPO(GRPO):
             order = keep[torch.randperm(keep.numel(), generator=self.generator)] if cfg.updates_per_epoch > 1 else keep
             for mb in order.chunk(cfg.updates_per_epoch):
                 self.optimizer.zero_grad(set_to_none=True)
-                cond, adv = batch["cond"].index(mb), batch["advantages"][mb]
                 total = torch.zeros(())
-                for j, i in enumerate(steps):
-                    x, x_next = batch["x"][mb, j], batch["x_next"][mb, j]
-                    new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
-                    log_ratio = self._log_ratio(new, batch["log_prob"][mb, j], batch["mean"][mb, j])
-                    loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_coef)
-                    if cfg.kl_coef > 0:
-                        kl = self._kl(new, x, i, cond).mean()
-                        loss = loss + cfg.kl_coef * kl
-                        stats["kl_ref"].append(kl.item())
-                    (loss / len(steps)).backward()
-                    total = total + loss.detach() / len(steps)
-                    stats["clip_fraction"].append(float(st["clip_fraction"]))
-                    stats["approx_kl"].append(float(st["approx_kl"]))
-                    stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
-                    if self.optimizer_steps == first_step:  # on-policy: sampling vs training log-probs (precision drift)
-                        drift = max(drift, float(log_ratio.detach().abs().max()))
+                # micro-batches: the minibatch's forward in pieces, gradients accumulated (the same step)
+                pieces = [mb] if cfg.micro_batch is None or cfg.micro_batch >= mb.numel() else list(mb.split(cfg.micro_batch))
+                for piece in pieces:
+                    w = piece.numel() / mb.numel()  # each piece's share of the minibatch mean
+                    cond, adv = batch["cond"].index(piece), batch["advantages"][piece]
+                    for j, i in enumerate(steps):
+                        x, x_next = batch["x"][piece, j], batch["x_next"][piece, j]
+                        new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
+                        log_ratio = self._log_ratio(new, batch["log_prob"][piece, j], batch["mean"][piece, j])
+                        loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_coef)
+                        if cfg.kl_coef > 0:
+                            kl = self._kl(new, x, i, cond).mean()
+                            loss = loss + cfg.kl_coef * kl
+                            stats["kl_ref"].append(kl.item())
+                        if len(pieces) > 1:
+                            loss = loss * w
+                        (loss / len(steps)).backward()
+                        total = total + loss.detach() / len(steps)
+                        stats["clip_fraction"].append(float(st["clip_fraction"]))
+                        stats["approx_kl"].append(float(st["approx_kl"]))
+                        stats["ratio_mean"].append(float(log_ratio.detach().exp().mean()))
+                        if self.optimizer_steps == first_step:  # on-policy: sampling vs training log-probs (precision drift)
+                            drift = max(drift, float(log_ratio.detach().abs().max()))
                 stats["grad_norm"].append(self._finish(total))
                 stats["loss"].append(float(total))
         stats["onpolicy_log_ratio_max"] = [drift]

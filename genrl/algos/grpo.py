@@ -80,6 +80,10 @@ class GRPOConfig:
     finetune: str = "lora"
     lora_rank: int = 32
     lora_alpha: float = 64.0
+    micro_batch: int | None = None
+    """Flow-GRPO: rows per training forward; a minibatch larger than this is processed in pieces
+    whose gradients accumulate into the same optimiser step (memory, not maths, changes; None:
+    the whole minibatch at once). G2RPO's training forward is already one row per prompt."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of storing them
     (diffusers' ``enable_gradient_checkpointing``): training memory per block falls to its input,
@@ -138,6 +142,7 @@ class GRPOConfig:
             "max_grad_norm": self.max_grad_norm > 0,
             "lora_rank": self.lora_rank >= 1,
             "granularities": len(self.granularities) >= 1 and all(g >= 1 for g in self.granularities),
+            "micro_batch": self.micro_batch is None or self.micro_batch >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
