@@ -19,7 +19,8 @@ The rest is arithmetic, per device (rank) of a ``W``-process run:
   2022, "Reducing Activation Recomputation in Large Transformer Models", with flash /
   memory-efficient attention, so no s² term), doubled for float32 activations; with
   ``grpo.gradient_checkpointing`` each block keeps only its input (``s b h`` values) and one block
-  is recomputed at a time;
+  is recomputed at a time; with ``grpo.activation_offload`` on a GPU the saved activations live in
+  host memory (about one block's worth counted on the device);
 * **rollout storage**: x_t, x_t+1 and the mean of every trained step for the rank's images.
 
 An estimate, not a measurement: allocator fragmentation, CUDA context (~0.5 GiB) and kernels'
@@ -126,6 +127,8 @@ def estimate_image_memory(cfg: Any, world_size: int = 1) -> dict[str, Any]:
         activations = layers * s * b * h * act_bytes + per_block
     else:
         activations = layers * per_block
+    if g.activation_offload and cfg.run.device.startswith("cuda"):
+        activations = per_block  # the saved tensors wait in host memory; about one block's work lives on the GPU
     latent = int(tc.in_channels) * (res // vae_scale) ** 2 * 4
     n_local = -(-(g.prompts_per_iter * g.group_size) // world_size)
     trained = len(trained_steps(g)) if cfg.algo == "flow-grpo" else (g.g2rpo_steps or max(1, g.n_steps // 2))

@@ -94,3 +94,22 @@ def test_micro_batches_accumulate_the_same_gradient() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # float summation order
     with pytest.raises(ConfigError, match="invalid grpo.micro_batch = 0"):
         config_from_dict({"env": "t2i", "algo": "flow-grpo", "grpo": {"micro_batch": 0}})
+
+
+def test_activation_offload_is_accepted_and_a_no_op_on_cpu() -> None:
+    from genrl.algos.grpo import _Timer
+    from genrl.image_trainer import build_image
+
+    grads = []
+    for offload in (False, True):
+        algo = build_image(config_from_dict({
+            "env": "t2i", "algo": "flow-grpo", "model": "digits", "reward": "digit",
+            "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, "activation_offload": offload},
+            "run": {"total_steps": 8, "seed": 1, "progress": False},
+        }))  # fmt: skip
+        batch = algo.collect(_Timer())
+        step: list[torch.Tensor] = []
+        algo.optimizer.step = lambda *a, _s=step, _a=algo, **k: _s.extend(p.grad.clone() for p in _a.params)
+        algo.update(batch)
+        grads.append(step)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

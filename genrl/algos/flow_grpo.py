@@ -91,13 +91,14 @@ class FlowGRPO(GRPO):
                     cond, adv = batch["cond"].index(piece), batch["advantages"][piece]
                     for j, i in enumerate(steps):
                         x, x_next = batch["x"][piece, j], batch["x_next"][piece, j]
-                        new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
-                        log_ratio = self._log_ratio(new, batch["log_prob"][piece, j], batch["mean"][piece, j])
-                        loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_coef)
-                        if cfg.kl_coef > 0:
-                            kl = self._kl(new, x, i, cond).mean()
-                            loss = loss + cfg.kl_coef * kl
-                            stats["kl_ref"].append(kl.item())
+                        with self._saving():
+                            new = self._step(x, i, cond, cfg.noise_level, x_next=x_next)
+                            log_ratio = self._log_ratio(new, batch["log_prob"][piece, j], batch["mean"][piece, j])
+                            loss, st = clipped_surrogate(log_ratio, adv, cfg.clip_coef)
+                            if cfg.kl_coef > 0:
+                                kl = self._kl(new, x, i, cond).mean()
+                                loss = loss + cfg.kl_coef * kl
+                                stats["kl_ref"].append(kl.item())
                         if len(pieces) > 1:
                             loss = loss * w
                         (loss / len(steps)).backward()

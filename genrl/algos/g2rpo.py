@@ -85,7 +85,8 @@ class G2RPO(GRPO):
                 self.optimizer.zero_grad(set_to_none=True)
                 xk = batch["anchors"][k]
                 P = xk.shape[0]
-                v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)
+                with self._saving():
+                    v = self.policy.velocity(xk, s[k].expand(P), cond_p).repeat_interleave(G, dim=0)
                 new = sde_step(v, xk.repeat_interleave(G, dim=0), s[k], s[k + 1], cfg.noise_level, x_next=batch["x_next"][k], sigma_guard=s[1])
                 log_ratio = self._log_ratio(new, batch["log_prob"][k], batch["mean"][k])
                 loss, st = clipped_surrogate(log_ratio, batch["advantages"][k], cfg.clip_coef)

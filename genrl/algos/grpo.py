@@ -84,6 +84,10 @@ class GRPOConfig:
     """Flow-GRPO: rows per training forward; a minibatch larger than this is processed in pieces
     whose gradients accumulate into the same optimiser step (memory, not maths, changes; None:
     the whole minibatch at once). G2RPO's training forward is already one row per prompt."""
+    activation_offload: bool = False
+    """Keep the training forward's saved activations in (pinned) host memory until the backward
+    pass needs them (``torch.autograd.graph.save_on_cpu``): GPU memory for PCIe traffic. On a CPU
+    run it changes nothing."""
     gradient_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of storing them
     (diffusers' ``enable_gradient_checkpointing``): training memory per block falls to its input,
@@ -376,6 +380,13 @@ class GRPO:
     def _step(self, x: Tensor, i: int, cond: Conditioning, eta: float, **kw: Any) -> SDEStep:
         s = self.sigmas
         return self.policy.step(x, s[i].expand(x.shape[0]), s[i + 1].expand(x.shape[0]), cond, noise_level=eta, sigma_guard=s[1], **kw)
+
+    def _saving(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the training forward keeps its activations: host memory under
+        ``activation_offload`` on a GPU, else where they are computed."""
+        if self.cfg.activation_offload and self.device.type == "cuda":
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+        return contextlib.nullcontext()
 
     def _ode(self, x: Tensor, cond: Conditioning, indices: list[int]) -> Tensor:
         """Deterministic Euler steps along ``indices`` of the training schedule (the last may jump)."""
