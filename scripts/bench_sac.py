@@ -4,6 +4,7 @@
     python scripts/bench_sac.py returns --envs Hopper-v5 HalfCheetah-v5 --steps 30000 --seeds 1 2 3
     python scripts/bench_sac.py pmoe --envs Hopper-v5 HalfCheetah-v5 Walker2d-v5 --steps 30000 --seeds 1 2 3
     python scripts/bench_sac.py multigoal --steps 20000 --seeds 1 2 3               # goals reached, PMOE vs Gaussian
+    python scripts/bench_sac.py gorl --envs dmc/CheetahRun-v0 --steps 20000 --seeds 1 2   # GoRL-SAC vs SAC
 
 Settings shared by both libraries (SB3's SAC defaults, which genrl's config can express
 exactly): [256, 256] ReLU actor and twin critics, Adam lr 3e-4 for actor, critics and
@@ -43,8 +44,12 @@ def genrl_config(env_id: str, policy: str, steps: int, seed: int, run_dir: Path,
     algo = {"buffer_size": s["buffer_size"], "batch_size": s["batch_size"], "gamma": s["gamma"], "tau": s["tau"],
             "policy_lr": s["lr"], "q_lr": s["lr"], "policy_frequency": 1, "learning_starts": args.learning_starts,
             "steps_per_iter": args.steps_per_iter, "critic_dtype": critic_dtype}  # fmt: skip
+    extra: dict[str, Any] = {}
+    if policy == "gorl":  # GoRL(SAC + diffusion decoder), the paper's off-policy variant, stages 1/2, 1/4, 1/4
+        extra = {"gorl": {"stage_fractions": [0.5, 0.25, 0.25], "refine_steps": args.refine_steps, "decoder_epochs": args.decoder_epochs},
+                 "policy_config": {"decoder": "diffusion"}}  # fmt: skip
     return config_from_dict({
-        "algo": "sac", "env": {"env_id": env_id}, "policy": policy, "algo_config": algo,
+        **extra, "algo": "sac", "env": {"env_id": env_id}, "policy": policy, "algo_config": algo,
         "run": {"total_steps": steps, "seed": seed, "out": str(run_dir), "progress": False, "eval_every": args.eval_every,
                 "eval_episodes": args.eval_episodes, "save_every": args.eval_every or steps, "keep_checkpoints": 1},
     })  # fmt: skip
@@ -199,7 +204,9 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", choices=["speed", "returns", "pmoe", "multigoal"])
+    p.add_argument("mode", choices=["speed", "returns", "pmoe", "multigoal", "gorl"])
+    p.add_argument("--refine-steps", type=int, default=5000, dest="refine_steps", help="gorl: env steps of decoder data per boundary")
+    p.add_argument("--decoder-epochs", type=int, default=20, dest="decoder_epochs", help="gorl: decoder epochs per boundary")
     p.add_argument("--envs", nargs="+", default=None)
     p.add_argument("--steps", type=int, default=None, help="env steps per run (speed: 7000, others: 30000)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -213,7 +220,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     mode = args.mode
-    envs = args.envs or (["genrl/MultiGoal-v0"] if mode == "multigoal" else ["Hopper-v5", "HalfCheetah-v5"] + (["Walker2d-v5"] if mode == "pmoe" else []))
+    envs = args.envs or (["genrl/MultiGoal-v0"] if mode == "multigoal" else ["dmc/CheetahRun-v0"] if mode == "gorl"
+                         else ["Hopper-v5", "HalfCheetah-v5"] + (["Walker2d-v5"] if mode == "pmoe" else []))  # fmt: skip
     if mode == "speed":
         args.learning_starts, args.eval_every = min(args.learning_starts, 1000), 0
         args.seeds = args.seeds[:1]
@@ -225,6 +233,8 @@ def main() -> None:
         runners["genrl-gaussian-bf16"] = lambda e, s: run_genrl(e, "gaussian", steps, s, out, args, "bfloat16")
     if mode in ("speed", "returns"):
         runners["sb3"] = lambda e, s: run_sb3(e, steps, s, out, args)
+    elif mode == "gorl":
+        runners["genrl-gorl"] = lambda e, s: run_genrl(e, "gorl", steps, s, out, args)
     else:
         runners["genrl-pmoe"] = lambda e, s: run_genrl(e, "pmoe", steps, s, out, args)
     results: dict[str, list[dict[str, Any]]] = {}

@@ -256,7 +256,71 @@ def fit_decoder(policy: GoRLPolicy, obs: torch.Tensor, pre: torch.Tensor, schedu
     return {f"gorl/{k}": v for k, v in stats.items()}
 
 
-class GoRL:
+class StagedGoRL:
+    """What GoRL over PPO (``GoRL``) and over SAC (``genrl.algos.gorl_sac.GoRLSAC``) share: the
+    trainer's view of the inner algorithm (``self.inner``), the stage schedule (the refinement
+    runs after a stage's last iteration, ``self.refine()``) and the stage in the resume state."""
+
+    inner: Any
+    boundaries: list[int]
+    stage: int
+    refinement_steps: int
+
+    @property
+    def global_step(self) -> int:
+        return self.inner.global_step
+
+    @property
+    def iteration(self) -> int:
+        return self.inner.iteration
+
+    @property
+    def n_iterations(self) -> int:
+        return self.inner.n_iterations
+
+    @property
+    def steps_per_iter(self) -> int:
+        return self.inner.steps_per_iter
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def refine(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- schedule -------------------------------------------------------------------------------
+    def iterate(self) -> dict[str, float]:
+        """One iteration of the inner algorithm on the encoder; after a stage's last, the refinement phase."""
+        stage = self.stage
+        metrics = self.inner.iterate()
+        metrics["gorl/stage"] = float(stage)
+        if stage < len(self.boundaries) and self.inner.iteration == self.boundaries[stage]:
+            t0 = time.perf_counter()
+            metrics.update(self.refine())
+            metrics["time/refine_s"] = time.perf_counter() - t0
+        metrics["gorl/refinement_steps"] = float(self.refinement_steps)
+        return metrics
+
+    # -- exact resume ---------------------------------------------------------------------------
+    def gorl_state(self) -> dict[str, int]:
+        return {"stage": self.stage, "refinement_steps": self.refinement_steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner algorithm's state plus ``"gorl"``: {"stage", "refinement_steps"} (plain ints, JSON-able)."""
+        return {**self.inner.state_dict(), "gorl": self.gorl_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+        g = state["gorl"]
+        stage, refined = int(g["stage"]), int(g["refinement_steps"])
+        expected = sum(1 for b in self.boundaries if self.inner.iteration >= b)
+        if stage != expected:
+            raise ValueError(f"GoRL stage {stage} does not match iteration {self.inner.iteration} (expected stage {expected})")
+        self.stage, self.refinement_steps = stage, refined
+
+
+class GoRL(StagedGoRL):
     """GoRL over PPO: latent-space PPO within a stage, decoder refinement between stages."""
 
     def __init__(
@@ -278,7 +342,7 @@ class GoRL:
             if values and len(values) != config.n_stages:
                 raise ConfigError(f"ppo.{name} has {len(values)} values for {config.n_stages} GoRL stages (one per stage, or empty)")
         self.cfg = config
-        self.ppo = PPO(policy, env, ppo_config, total_steps=total_steps, seed=seed, device=device)
+        self.ppo = self.inner = PPO(policy, env, ppo_config, total_steps=total_steps, seed=seed, device=device)
         self.boundaries = stage_boundaries(config.stage_fractions, self.ppo.n_iterations)
         self.seed = int(seed)
         self.env_factory = env_factory
@@ -295,32 +359,12 @@ class GoRL:
         return self.ppo.env
 
     @property
-    def global_step(self) -> int:
-        return self.ppo.global_step
-
-    @property
-    def iteration(self) -> int:
-        return self.ppo.iteration
-
-    @property
-    def n_iterations(self) -> int:
-        return self.ppo.n_iterations
-
-    @property
-    def steps_per_iter(self) -> int:
-        return self.ppo.steps_per_iter
-
-    @property
     def critic(self) -> Critic:
         return self.ppo.critic
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.ppo.optimizer
-
-    @property
-    def device(self) -> torch.device:
-        return self.ppo.device
 
     @property
     def stage(self) -> int:
@@ -330,19 +374,6 @@ class GoRL:
     @stage.setter
     def stage(self, value: int) -> None:
         self.ppo.stage = int(value)
-
-    # -- schedule -------------------------------------------------------------------------------
-    def iterate(self) -> dict[str, float]:
-        """One PPO iteration on the encoder; after a stage's last iteration, the refinement phase."""
-        stage = self.stage
-        metrics = self.ppo.iterate()
-        metrics["gorl/stage"] = float(stage)
-        if stage < len(self.boundaries) and self.ppo.iteration == self.boundaries[stage]:
-            t0 = time.perf_counter()
-            metrics.update(self.refine())
-            metrics["time/refine_s"] = time.perf_counter() - t0
-        metrics["gorl/refinement_steps"] = float(self.refinement_steps)
-        return metrics
 
     def refine(self) -> dict[str, float]:
         """Collect data with the frozen encoder, retrain the decoder, start the next stage."""
@@ -377,26 +408,10 @@ class GoRL:
         """Re-create the decoder and fit it to (obs, pre) by its generative loss with fresh noise."""
         return fit_decoder(self.policy, obs, pre, self.cfg, seed)
 
-    # -- exact resume ---------------------------------------------------------------------------
-    def gorl_state(self) -> dict[str, int]:
-        return {"stage": self.stage, "refinement_steps": self.refinement_steps}
-
-    def state_dict(self) -> dict[str, Any]:
-        """PPO's state plus ``"gorl"``: {"stage", "refinement_steps"} (plain ints, JSON-able)."""
-        return {**self.ppo.state_dict(), "gorl": self.gorl_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ppo.load_state_dict(state)
-        g = state["gorl"]
-        stage, refined = int(g["stage"]), int(g["refinement_steps"])
-        expected = sum(1 for b in self.boundaries if self.ppo.iteration >= b)
-        if stage != expected:
-            raise ValueError(f"GoRL stage {stage} does not match iteration {self.ppo.iteration} (expected stage {expected})")
-        self.stage, self.refinement_steps = stage, refined
-
 
 __all__ = [
     "GoRL",
+    "StagedGoRL",
     "GoRLTrainConfig",
     "RefinementSchedule",
     "collect_refinement_data",

@@ -55,7 +55,6 @@ checkpoint mid-stage or right after a boundary continues the run bit for bit on 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -63,7 +62,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from genrl.algos.gorl import _COLLECT_SEED, _DECODER_SEED, GoRLTrainConfig, collect_refinement_data, fit_decoder, stage_boundaries
+from genrl.algos.gorl import _COLLECT_SEED, _DECODER_SEED, GoRLTrainConfig, StagedGoRL, collect_refinement_data, fit_decoder, stage_boundaries
 from genrl.algos.sac import SAC, SACConfig
 from genrl.errors import ConfigError
 from genrl_envs.base import BatchedEnv, StepResult
@@ -105,7 +104,7 @@ class LatentEnv:
         return getattr(self.env, name)
 
 
-class GoRLSAC:
+class GoRLSAC(StagedGoRL):
     """GoRL over SAC: latent-space SAC within a stage, decoder refinement + agent reset between stages."""
 
     def __init__(
@@ -129,7 +128,7 @@ class GoRLSAC:
             raise ConfigError(f"--algo sac --policy gorl has no latent regulariser (SAC's entropy term replaces it): policy_config.latent_reg = 'none', not '{pc.latent_reg}'")
         self.cfg, self.seed, self.env_factory = config, int(seed), env_factory
         self.latent_env = LatentEnv(env, policy.to(device), torch.device(device))
-        self.sac = SAC(policy.encoder, self.latent_env, sac_config, total_steps=total_steps, seed=seed, device=str(device))
+        self.sac = self.inner = SAC(policy.encoder, self.latent_env, sac_config, total_steps=total_steps, seed=seed, device=str(device))
         self._policy = policy
         self.boundaries = stage_boundaries(config.stage_fractions, self.sac.n_iterations, "SAC iterations")
         edges = [0, *self.boundaries, self.sac.n_iterations]
@@ -155,39 +154,6 @@ class GoRLSAC:
     def env(self) -> BatchedEnv:
         """The real env (its action box, state and normaliser); SAC steps ``latent_env``."""
         return self.latent_env.env
-
-    @property
-    def global_step(self) -> int:
-        return self.sac.global_step
-
-    @property
-    def iteration(self) -> int:
-        return self.sac.iteration
-
-    @property
-    def n_iterations(self) -> int:
-        return self.sac.n_iterations
-
-    @property
-    def steps_per_iter(self) -> int:
-        return self.sac.steps_per_iter
-
-    @property
-    def device(self) -> torch.device:
-        return self.sac.device
-
-    # -- schedule -------------------------------------------------------------------------------
-    def iterate(self) -> dict[str, float]:
-        """One SAC iteration on the encoder; after a stage's last iteration, the refinement phase."""
-        stage = self.stage
-        metrics = self.sac.iterate()
-        metrics["gorl/stage"] = float(stage)
-        if stage < len(self.boundaries) and self.sac.iteration == self.boundaries[stage]:
-            t0 = time.perf_counter()
-            metrics.update(self.refine())
-            metrics["time/refine_s"] = time.perf_counter() - t0
-        metrics["gorl/refinement_steps"] = float(self.refinement_steps)
-        return metrics
 
     def refine(self) -> dict[str, float]:
         """Collect data with the latest encoder, retrain the decoder, reset the agent, next stage."""
@@ -220,21 +186,9 @@ class GoRLSAC:
         sac.learning_from, sac.n_updates = sac.global_step, 0  # learning_starts and the gradient-step count restart
 
     # -- exact resume ---------------------------------------------------------------------------
-    def gorl_state(self) -> dict[str, int]:
-        return {"stage": self.stage, "refinement_steps": self.refinement_steps}
-
-    def state_dict(self) -> dict[str, Any]:
-        """SAC's state plus ``"gorl"``: {"stage", "refinement_steps"} (plain ints, JSON-able)."""
-        return {**self.sac.state_dict(), "gorl": self.gorl_state()}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sac.load_state_dict(state)
-        g = state["gorl"]
-        stage, refined = int(g["stage"]), int(g["refinement_steps"])
-        expected = sum(1 for b in self.boundaries if self.sac.iteration >= b)
-        if stage != expected:
-            raise ValueError(f"GoRL stage {stage} does not match iteration {self.sac.iteration} (expected stage {expected})")
-        self.stage, self.refinement_steps = stage, refined
+        super().load_state_dict(state)
+        stage = self.stage
         self.sac.learning_from = self.boundaries[stage - 1] * self.sac.steps_per_iter if stage else 0  # n_updates is SAC's own
         self.latent_env.obs = self.sac.next_obs  # the decoder's condition at the next step
 
