@@ -81,6 +81,9 @@ def tiny_genrl(argv: list[str]) -> list[str]:
         while flag in args[:-2] and args.count(flag) > 1:
             i = args.index(flag)
             del args[i : i + 2]
+    if "sac" in args:  # SAC: a short warm-up, small batches
+        return [*args, "--set", "algo_config.learning_starts=32", "--set", "algo_config.steps_per_iter=64", "--set", "algo_config.batch_size=32",
+                "--eval-episodes", "1", "--no-progress"]  # fmt: skip
     if "--preset" in args:  # the preset's own network, smaller rollouts
         return [*args, "--set", "ppo.n_steps=64", "--set", "ppo.n_minibatches=2", "--set", "ppo.n_epochs=1", "--eval-episodes", "1", "--no-progress"]
     return [*args, *(T2I_TINY if t2i else CONTROL_TINY)]
