@@ -14,20 +14,31 @@ from genrl.errors import ConfigError
 from genrl_policies.t2i import Conditioning
 
 
-def _algo(algo: str, autocast: str) -> Any:
+def _algo(algo: str = "flow-grpo", **grpo: Any) -> Any:
+    """A tiny run on the digits model (2 prompts x 4 images, 3 steps, LoRA rank 2) with ``grpo`` on top."""
     from genrl.image_trainer import build_image
 
     return build_image(config_from_dict({
         "env": "t2i", "algo": algo, "model": "digits", "reward": "digit",
-        "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, "autocast": autocast,
-                 **({"updates_per_epoch": 2} if algo == "flow-grpo" else {})},
+        "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, **grpo},
         "run": {"total_steps": 16, "seed": 1, "progress": False},
     }))  # fmt: skip
 
 
+def _update_grads(algo: Any) -> list[torch.Tensor]:
+    """The gradients of every optimiser step of one collected batch's update (steps skipped)."""
+    from genrl.algos.grpo import _Timer
+
+    batch = algo.collect(_Timer())
+    grads: list[torch.Tensor] = []
+    algo.optimizer.step = lambda *a, **k: grads.extend(p.grad.clone() for p in algo.params)
+    algo.update(batch)
+    return grads
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_autocast_changes_the_forward_and_keeps_float32_outputs_and_weights(dtype: str) -> None:
-    algo = _algo("flow-grpo", dtype)
+    algo = _algo(autocast=dtype)
     policy = algo.policy
     assert policy.autocast is getattr(torch, dtype) and all(p.dtype == torch.float32 for p in algo.params)
     x = algo.env.initial_noise(4, torch.Generator().manual_seed(0))
@@ -43,7 +54,7 @@ def test_autocast_changes_the_forward_and_keeps_float32_outputs_and_weights(dtyp
 @pytest.mark.parametrize("algo", ["flow-grpo", "g2rpo"])
 @pytest.mark.parametrize("autocast", ["off", "bfloat16", "float16"])
 def test_onpolicy_log_ratio_drift_is_logged_and_zero_on_cpu(algo: str, autocast: str) -> None:
-    metrics = _algo(algo, autocast).iterate()
+    metrics = _algo(algo, autocast=autocast, **({"updates_per_epoch": 2} if algo == "flow-grpo" else {})).iterate()
     # the same dtype, weights and batch-independent CPU kernels in sampling and training: ratio exactly 1
     assert metrics["train/onpolicy_log_ratio_max"] == 0.0
 
@@ -54,15 +65,9 @@ def test_invalid_autocast_is_a_one_line_error() -> None:
 
 
 def test_gradient_checkpointing_leaves_the_gradients_unchanged() -> None:
-    from genrl.image_trainer import build_image
-
     grads = []
     for ckpt in (False, True):
-        algo = build_image(config_from_dict({
-            "env": "t2i", "algo": "flow-grpo", "model": "digits", "reward": "digit",
-            "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, "gradient_checkpointing": ckpt},
-            "run": {"total_steps": 8, "seed": 1, "progress": False},
-        }))  # fmt: skip
+        algo = _algo(gradient_checkpointing=ckpt)
         assert algo.policy.transformer.gradient_checkpointing is ckpt
         x = algo.env.initial_noise(4, torch.Generator().manual_seed(0))
         cond = Conditioning(*algo.env.encode(["a handwritten 7"] * 4))
@@ -73,22 +78,7 @@ def test_gradient_checkpointing_leaves_the_gradients_unchanged() -> None:
 
 
 def test_micro_batches_accumulate_the_same_gradient() -> None:
-    from genrl.algos.grpo import _Timer
-    from genrl.image_trainer import build_image
-
-    def step_grads(micro: int | None) -> list[torch.Tensor]:
-        algo = build_image(config_from_dict({
-            "env": "t2i", "algo": "flow-grpo", "model": "digits", "reward": "digit",
-            "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, "micro_batch": micro},
-            "run": {"total_steps": 8, "seed": 1, "progress": False},
-        }))  # fmt: skip
-        batch = algo.collect(_Timer())
-        grads: list[torch.Tensor] = []
-        algo.optimizer.step = lambda *a, **k: grads.extend(p.grad.clone() for p in algo.params)
-        algo.update(batch)
-        return grads
-
-    whole, pieces = step_grads(None), step_grads(3)  # 8 rows as 3 + 3 + 2
+    whole, pieces = _update_grads(_algo(micro_batch=None)), _update_grads(_algo(micro_batch=3))  # 8 rows as 3 + 3 + 2
     assert len(whole) == len(pieces)
     for a, b in zip(whole, pieces):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # float summation order
@@ -97,19 +87,5 @@ def test_micro_batches_accumulate_the_same_gradient() -> None:
 
 
 def test_activation_offload_is_accepted_and_a_no_op_on_cpu() -> None:
-    from genrl.algos.grpo import _Timer
-    from genrl.image_trainer import build_image
-
-    grads = []
-    for offload in (False, True):
-        algo = build_image(config_from_dict({
-            "env": "t2i", "algo": "flow-grpo", "model": "digits", "reward": "digit",
-            "grpo": {"n_steps": 3, "group_size": 4, "prompts_per_iter": 2, "lora_rank": 2, "activation_offload": offload},
-            "run": {"total_steps": 8, "seed": 1, "progress": False},
-        }))  # fmt: skip
-        batch = algo.collect(_Timer())
-        step: list[torch.Tensor] = []
-        algo.optimizer.step = lambda *a, _s=step, _a=algo, **k: _s.extend(p.grad.clone() for p in _a.params)
-        algo.update(batch)
-        grads.append(step)
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    off, on = _update_grads(_algo(activation_offload=False)), _update_grads(_algo(activation_offload=True))
+    assert len(off) == len(on) > 0 and all(torch.equal(a, b) for a, b in zip(off, on))
