@@ -29,16 +29,19 @@ BACKENDS = ("auto", "gymnasium", "torch", "envpool", "warp")
 _OPTIONAL = {"envpool": ("envpool", "envpool"), "warp": ("mujoco_warp", "mujoco-warp==3.17.0")}
 
 
-def resolve_backend(env_id: str, backend: str = "auto", *, chunked: bool = False) -> str:
+def resolve_backend(env_id: str, backend: str = "auto", *, chunked: bool = False, viewed: bool = False) -> str:
     """The back end ``backend`` means for ``env_id`` ("auto" resolved); EnvError if unknown, not
     installed (the message names the pip command), or unable to run action chunks (``chunked``:
-    only gymnasium ends a chunk exactly at an episode's end)."""
+    only gymnasium ends a chunk exactly at an episode's end) or observation views (``viewed``:
+    ``envs.views`` wraps gymnasium envs)."""
     from genrl_envs.pointmass import TORCH_SIMS
 
     if backend not in BACKENDS:
         raise EnvError(f"unknown env backend '{backend}'; valid: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "torch" if env_id in TORCH_SIMS and not chunked else "gymnasium"
+        return "torch" if env_id in TORCH_SIMS and not (chunked or viewed) else "gymnasium"
+    if viewed and backend != "gymnasium":
+        raise EnvError(f"observation views (env.obs_resolution) run on the gymnasium back end, not '{backend}'")
     if chunked and backend != "gymnasium":
         raise EnvError(f"action chunks (env.horizon / n_obs_steps / n_action_steps > 1) run on the gymnasium back end, not '{backend}'")
     if backend in _OPTIONAL:
@@ -63,6 +66,8 @@ def make_env(env_id: str, n_envs: int = 1, *, backend: str = "gymnasium", device
         return GymVectorEnv(env_id, n_envs, **kwargs)
     from genrl_envs.batched import TensorVectorEnv
 
+    if kwargs.pop("obs_resolution", None):
+        raise EnvError(f"observation views (env.obs_resolution) run on the gymnasium back end, not '{backend}'")
     env_kwargs = kwargs.pop("env_kwargs", None)
     vectorization = kwargs.pop("vectorization", "sync")
     for key in ("render_mode", "keep_info"):

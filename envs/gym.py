@@ -37,6 +37,7 @@ from torch import Tensor
 from genrl_envs.base import EnvError, EnvSpec, StepResult
 from genrl_envs.normalize import NormalizeObservationSameStep, NormalizeRewardSameStep
 from genrl_envs.snapshot import _Snapshot
+from genrl_envs.views import ObservationResolution, parse_resolution
 
 
 def check_env_id(env_id: str) -> None:
@@ -141,6 +142,8 @@ class GymVectorEnv:
             stacked observations (``envs.chunking.ActionChunking`` around each sub-env).
         keep_info: keep the sub-envs' per-step info dicts (off by default: training never reads
             them, and merging them is a measurable share of the step time).
+        obs_resolution: {dimension: step}, each sub-env's observation seen through this view
+            (``envs.views``; before history stacking, so every stacked frame is viewed).
     """
 
     def __init__(
@@ -159,6 +162,7 @@ class GymVectorEnv:
         keep_info: bool = False,
         env_kwargs: dict[str, Any] | None = None,
         chunking: dict[str, int] | None = None,
+        obs_resolution: dict[Any, float] | None = None,
     ) -> None:
         check_env_id(env_id)
         if n_envs < 1:
@@ -169,6 +173,12 @@ class GymVectorEnv:
         if render_mode is not None:
             kwargs["render_mode"] = render_mode
 
+        self.obs_resolution = parse_resolution(obs_resolution)
+
+        def flat() -> gym.Env:
+            env = _make_flat(env_id, **kwargs)
+            return ObservationResolution(env, self.obs_resolution) if self.obs_resolution else env
+
         chunks = {k: int(v) for k, v in (chunking or {}).items()}
         if chunks and any(v != 1 for v in chunks.values()):
             from genrl_envs.chunking import ActionChunking, check_chunking
@@ -176,12 +186,12 @@ class GymVectorEnv:
             check_chunking(chunks.get("horizon", 1), chunks.get("n_obs_steps", 1), chunks.get("n_action_steps", 1))
 
             def make() -> gym.Env:
-                return ActionChunking(_make_flat(env_id, **kwargs), horizon=chunks.get("horizon", 1),
+                return ActionChunking(flat(), horizon=chunks.get("horizon", 1),
                                       n_obs_steps=chunks.get("n_obs_steps", 1), n_action_steps=chunks.get("n_action_steps", 1))  # fmt: skip
         else:
 
             def make() -> gym.Env:
-                return _make_flat(env_id, **kwargs)
+                return flat()
 
         def thunk() -> gym.Env:
             return _Snapshot(make(), keep_info)

@@ -44,6 +44,8 @@ class Agent:
         obs_normalizer: {"mean", "var", "count"} arrays, or None if observations were not normalised.
         clip_obs: the normaliser's clip.
         action_low / action_high: the env's action box; actions are clipped to it, as in training.
+        obs_resolution: the policy's observation view ({dimension: step}, ``envs.views``), applied
+            to raw observations before the normaliser, as the training env did.
     """
 
     def __init__(
@@ -58,7 +60,10 @@ class Agent:
         step: int | None = None,
         env_kwargs: dict[str, Any] | None = None,
         chunking: dict[str, int] | None = None,
+        obs_resolution: dict[Any, float] | None = None,
     ) -> None:
+        from genrl_envs.views import parse_resolution
+
         self.policy = policy.eval()
         self.env_id = env_id
         self.obs_normalizer = obs_normalizer
@@ -70,6 +75,7 @@ class Agent:
         self.chunking = dict(chunking) if chunking else None
         """{"horizon", "n_obs_steps", "n_action_steps"} when the policy acts on stacked
         observations and predicts action chunks (``envs.chunking``), else None."""
+        self.obs_resolution = parse_resolution(obs_resolution)
         self._low, self._high = torch.from_numpy(self.action_low), torch.from_numpy(self.action_high)
 
     @property
@@ -118,7 +124,7 @@ class Agent:
         low, high = _action_box(cfg.env.env_id, cfg.env.env_kwargs, cfg.env.chunking)
         return cls(policy, env_id=cfg.env.env_id, obs_normalizer=norm, clip_obs=cfg.env.clip_obs, action_low=low,
                    action_high=high, step=int(data["state"]["global_step"]), env_kwargs=cfg.env.env_kwargs,
-                   chunking=cfg.env.chunking)  # fmt: skip
+                   chunking=cfg.env.chunking, obs_resolution=cfg.env.obs_resolution)  # fmt: skip
 
     @classmethod
     def _load_exported(cls, path: Path, device: str) -> "Agent":
@@ -145,7 +151,7 @@ class Agent:
                 raise CheckpointError(f"unreadable {path / 'normalizer.safetensors'}: {str(exc).splitlines()[0]}") from None
         return cls(policy, env_id=meta["env_id"], obs_normalizer=norm, clip_obs=meta["clip_obs"],
                    action_low=np.array(meta["action_low"]), action_high=np.array(meta["action_high"]), step=meta.get("step"),
-                   env_kwargs=meta.get("env_kwargs"), chunking=meta.get("chunking"))  # fmt: skip
+                   env_kwargs=meta.get("env_kwargs"), chunking=meta.get("chunking"), obs_resolution=meta.get("obs_resolution"))  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Export this agent (policy, normaliser, bounds; no optimiser) to a folder, atomically."""
@@ -158,6 +164,7 @@ class Agent:
             "obs_dim": int(self.policy.obs_dim), "action_dim": int(self.policy.action_dim),
             "normalize_obs": self.obs_normalizer is not None, "clip_obs": self.clip_obs, "obs_epsilon": _EPS,
             "action_low": self.action_low.tolist(), "action_high": self.action_high.tolist(), "chunking": self.chunking,
+            "obs_resolution": {str(k): v for k, v in self.obs_resolution.items()},
         }  # fmt: skip
 
         def write(tmp: Path) -> None:
@@ -172,7 +179,12 @@ class Agent:
 
     # -- acting --------------------------------------------------------------------------------
     def normalize(self, obs: np.ndarray) -> np.ndarray:
-        """The training env's observation transform (frozen statistics), float32."""
+        """The training env's observation transform (the view, then the frozen statistics), float32."""
+        if self.obs_resolution:
+            from genrl_envs.views import apply_view
+
+            frames = self.chunking["n_obs_steps"] if self.chunking else 1
+            obs = apply_view(np.asarray(obs), self.obs_resolution, self.policy.obs_dim // frames)
         if self.obs_normalizer is None:
             return np.asarray(obs, dtype=np.float32)
         n = self.obs_normalizer
@@ -212,7 +224,8 @@ class Agent:
 
         kwargs = self.env_kwargs if env_id in (None, self.env_id) else {}
         env_config = EnvConfig(env_id=env_id or self.env_id, env_kwargs=kwargs, normalize_obs=self.obs_normalizer is not None,
-                               clip_obs=self.clip_obs, **(self.chunking or {}))  # fmt: skip
+                               clip_obs=self.clip_obs, obs_resolution={str(k): v for k, v in self.obs_resolution.items()} if kwargs is self.env_kwargs else {},
+                               **(self.chunking or {}))  # fmt: skip
         return evaluate(self.policy, env_config, self.obs_normalizer, episodes=episodes, seed=seed,
                         deterministic=deterministic, video_path=video_path)  # fmt: skip
 

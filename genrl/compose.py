@@ -3,7 +3,8 @@ sees the episodes it reports.
 
 ``genrl compose --policies A B [C] --env ID --search`` loads each parent (a run, checkpoint or
 exported agent; ``genrl.agent``), composes them with ``policies.compose.ComposedPolicy`` (each
-parent sees the raw observation through its *own* saved normaliser), and
+parent sees the raw observation through its *own* view, ``env.obs_resolution``, and its own saved
+normaliser: parents trained on different sensors compose, as in the paper), and
 
 1. **searches** the weight grid (0, 0.1, ..., 1 for two parents; a simplex grid for three) on
    ``--val-episodes`` episodes of **validation seeds**, with common random numbers: every weight
@@ -223,6 +224,7 @@ def compose_main(
     test["composition"] = run_episodes(agents, chosen, TEST_SEED, test_episodes, deterministic=deterministic)
     report = {
         "parents": [str(p) for p in paths], "families": [a.family for a in agents], "env_id": agents[0].env_id,
+        "views": [{str(k): v for k, v in a.obs_resolution.items()} for a in agents],
         "chosen_weights": list(chosen), "validation": [r.summary() for r in val],
         "test": {k: r.summary() for k, r in test.items()}, "val_seed": VAL_SEED, "test_seed": TEST_SEED,
         "deterministic": deterministic,

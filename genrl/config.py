@@ -74,12 +74,27 @@ class EnvConfig:
     """Observations stacked as the policy's input (oldest first)."""
     n_action_steps: int = 1
     """Actions of each chunk executed before the next decision (<= horizon)."""
+    obs_resolution: dict[str, float] = field(default_factory=dict)
+    """The policy's observation view (``envs.views``): {"dimension index": step}, each listed
+    dimension rounded to a multiple of its step (a coarse sensor), e.g. {"19": 0.5}; gymnasium
+    back end. GPC composes parents with different views."""
 
     @property
     def chunking(self) -> dict[str, int] | None:
         """{"horizon", "n_obs_steps", "n_action_steps"}, or None for one action per observation."""
         c = {"horizon": self.horizon, "n_obs_steps": self.n_obs_steps, "n_action_steps": self.n_action_steps}
         return None if set(c.values()) == {1} else c
+
+    @property
+    def wrapper_kwargs(self) -> dict[str, Any]:
+        """``make_env`` keyword arguments of the gymnasium wrappers this config asks for
+        (``chunking``, ``obs_resolution``); empty when it asks for none."""
+        out: dict[str, Any] = {}
+        if self.chunking:
+            out["chunking"] = self.chunking
+        if self.obs_resolution:
+            out["obs_resolution"] = dict(self.obs_resolution)
+        return out
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.reward_scale) and self.reward_scale > 0):
@@ -92,9 +107,11 @@ class EnvConfig:
             raise ConfigError(f"invalid env.backend = {self.backend!r}; valid: {', '.join(BACKENDS)}")
         try:  # an optional back end that is not installed is refused here, with its pip command
             from genrl_envs.chunking import check_chunking
+            from genrl_envs.views import parse_resolution
 
             check_chunking(self.horizon, self.n_obs_steps, self.n_action_steps)
-            resolve_backend(self.env_id, self.backend, chunked=self.chunking is not None)
+            parse_resolution(self.obs_resolution)
+            resolve_backend(self.env_id, self.backend, chunked=self.chunking is not None, viewed=bool(self.obs_resolution))
         except EnvError as exc:
             raise ConfigError(str(exc)) from None
         if self.vectorization not in ("sync", "async"):

@@ -42,7 +42,7 @@ def evaluate(
         clip_obs=env_config.clip_obs,
         render_mode="rgb_array" if video_path is not None else None,
         env_kwargs=env_config.env_kwargs,
-        **({"chunking": env_config.chunking} if env_config.chunking else {}),
+        **env_config.wrapper_kwargs,
     )
     env.set_obs_normalizer(obs_normalizer, frozen=True)
     generator = torch.Generator().manual_seed(seed)

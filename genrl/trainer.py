@@ -49,7 +49,7 @@ def build(cfg: TrainConfig) -> PPO:
     env = make_env(
         e.env_id,
         e.n_envs,
-        backend=resolve_backend(e.env_id, e.backend, chunked=e.chunking is not None),
+        backend=resolve_backend(e.env_id, e.backend, chunked=e.chunking is not None, viewed=bool(e.obs_resolution)),
         device=cfg.run.device,
         vectorization=e.vectorization,
         normalize_obs=e.normalize_obs,
@@ -59,7 +59,7 @@ def build(cfg: TrainConfig) -> PPO:
         clip_reward=e.clip_reward,
         reward_scale=e.reward_scale,
         env_kwargs=e.env_kwargs,
-        **({"chunking": e.chunking} if e.chunking else {}),
+        **e.wrapper_kwargs,
     )
     try:
         policy_cls = resolve_family(cfg.policy)
@@ -70,7 +70,7 @@ def build(cfg: TrainConfig) -> PPO:
         def refinement_env() -> Any:  # GoRL's refinement data: same env, fresh instance; GoRL copies the obs statistics in
             return make_env(e.env_id, e.n_envs, backend=env.spec.backend, device=cfg.run.device, vectorization=e.vectorization,
                             normalize_obs=e.normalize_obs, normalize_reward=False, clip_obs=e.clip_obs, env_kwargs=e.env_kwargs,
-                            **({"chunking": e.chunking} if e.chunking else {}))  # fmt: skip
+                            **e.wrapper_kwargs)  # fmt: skip
 
         if cfg.algo != "ppo":  # a registered algorithm (genrl.algos.base.register_control_algorithm)
             spec = CONTROL_ALGORITHMS[cfg.algo]

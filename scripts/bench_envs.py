@@ -240,7 +240,7 @@ def part_parity(args: argparse.Namespace) -> dict[str, Any]:
     from genrl.trainer import train
 
     torch.set_num_threads(1)
-    res: dict[str, dict[int, float]] = {"gymnasium": {}, "envpool": {}}
+    res: dict[str, dict[int, float]] = {b: {} for b in args.backends}
     for seed in args.seeds:
         for backend in res:
             run = Path(args.out) / "parity" / f"{backend}-s{seed}"
@@ -290,6 +290,7 @@ def main() -> None:
     p.add_argument("--many-envs", type=int, nargs="+", default=[64, 256])
     p.add_argument("--steps", type=int, default=65536)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--backends", nargs="+", default=["gymnasium", "envpool"], choices=["gymnasium", "envpool"], help="back ends of the parity part")
     p.add_argument("--seconds", type=float, default=2.0, help="timing window of each raw rate")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--iterations", type=int, default=2, help="PPO iterations timed in the multigoal part")

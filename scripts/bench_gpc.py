@@ -5,11 +5,17 @@ resumes.
 
     python scripts/bench_gpc.py --task cube --out bench_out/gpc      # OGBench cube-single, task 1
     python scripts/bench_gpc.py --task maze --out bench_out/gpc      # genrl/PointMaze-v0
+    python scripts/bench_gpc.py --task cube --diffusion-steps 6000 --skip moderate weak ppo   # the views pair alone
 
 Parents (moderate on purpose, as the paper studies): a DDPM diffusion policy and an FPO flow
 policy cloned from the same demonstrations for ``--bc-steps`` gradient steps each; the weak parent
 of the weak + strong pair gets ``--weak-steps``. Sampling is deterministic (the noise-free DDPM path
 from x_K = 0; FPO still draws its initial noise), as Diffusion Policy evaluates with DDIM.
+The different-sensors pair (``views``): two diffusion parents cloned for ``--diffusion-steps``
+from the same demonstrations, each through its own coarse sensor (``env.obs_resolution``): one
+rounds the x coordinate of the object the task hinges on (the cube; the point in the maze) to
+``--view-step``, the other its y coordinate, the paper's setting of one state seen through two
+inputs with complementary errors.
 Writes ``<out>/<task>/results.md``.
 """
 
@@ -21,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 TASKS = {
-    "cube": {"env_id": "cube-single-singletask-task1-v0", "episodes": 100},
-    "maze": {"env_id": "genrl/PointMaze-v0", "episodes": 100},
+    # views: the observation dimensions each parent of the different-sensors pair sees coarsely
+    # (cube: the cube's x / y position, 10 units per metre; maze: the point's x / y, 1 unit per cell)
+    "cube": {"env_id": "cube-single-singletask-task1-v0", "episodes": 100, "views": ([19], [20]), "view_step": 0.5},
+    "maze": {"env_id": "genrl/PointMaze-v0", "episodes": 100, "views": ([0], [1]), "view_step": 0.5},
 }
 CHUNKS = {"horizon": 8, "n_obs_steps": 2, "n_action_steps": 4}
 
@@ -39,7 +47,7 @@ def demos(task: str, root: Path) -> Path:
     return path
 
 
-def bc_parent(task: str, family: str, data: Path, steps: int, out: Path, seed: int = 0) -> Path:
+def bc_parent(task: str, family: str, data: Path, steps: int, out: Path, seed: int = 0, view: dict[str, float] | None = None) -> Path:
     from genrl.config import config_from_dict
     from genrl.trainer import train
 
@@ -51,7 +59,7 @@ def bc_parent(task: str, family: str, data: Path, steps: int, out: Path, seed: i
     if family == "fpo":
         pc["n_steps"] = 10
     cfg = config_from_dict({
-        "algo": "bc", "policy": family, "env": {"env_id": TASKS[task]["env_id"], **CHUNKS}, "policy_config": pc,
+        "algo": "bc", "policy": family, "env": {"env_id": TASKS[task]["env_id"], **CHUNKS, "obs_resolution": view or {}}, "policy_config": pc,
         "algo_config": {"dataset": str(data), "updates_per_iter": 500},
         "run": {"total_steps": steps, "seed": seed, "out": str(out), "save_every": 500, "eval_episodes": 30, "progress": False},
     })  # fmt: skip
@@ -104,7 +112,8 @@ def main() -> None:
     p.add_argument("--val-episodes", type=int, default=100)
     p.add_argument("--test-episodes", type=int, default=200)
     p.add_argument("--ppo-steps", type=int, default=20_000)
-    p.add_argument("--skip", nargs="*", default=[], choices=["weak", "ppo"])
+    p.add_argument("--view-step", type=float, help="resolution of the coarse sensors of the views pair (default per task)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["moderate", "weak", "views", "ppo"])
     p.add_argument("--out", default="bench_out/gpc")
     args = p.parse_args()
     from genrl.compose import markdown
@@ -112,9 +121,20 @@ def main() -> None:
     root = Path(args.out) / args.task
     root.mkdir(parents=True, exist_ok=True)
     data = demos(args.task, root)
-    diff = bc_parent(args.task, "diffusion", data, args.diffusion_steps or args.bc_steps, root / "bc-diffusion")
-    flow = bc_parent(args.task, "fpo", data, args.fpo_steps or args.bc_steps, root / "bc-fpo")
-    lines = ["## Moderate pair: diffusion + flow", "", markdown(compose_pair([diff, flow], root / "gpc-diffusion-fpo", args.val_episodes, args.test_episodes))]
+    diff_steps = args.diffusion_steps or args.bc_steps
+    diff = bc_parent(args.task, "diffusion", data, diff_steps, root / "bc-diffusion")
+    lines: list[str] = []
+    if "moderate" not in args.skip:
+        flow = bc_parent(args.task, "fpo", data, args.fpo_steps or args.bc_steps, root / "bc-fpo")
+        lines += ["## Moderate pair: diffusion + flow", "", markdown(compose_pair([diff, flow], root / "gpc-diffusion-fpo", args.val_episodes, args.test_episodes))]
+    if "views" not in args.skip:
+        step = args.view_step or TASKS[args.task]["view_step"]
+        parents = []
+        for axis, dims in zip("xy", TASKS[args.task]["views"], strict=True):
+            view = {str(d): step for d in dims}
+            parents.append(bc_parent(args.task, "diffusion", data, diff_steps, root / f"bc-diffusion-coarse-{axis}-{step:g}", view=view))
+        rep = compose_pair(parents, root / f"gpc-views-{step:g}", args.val_episodes, args.test_episodes)
+        lines += ["", f"## Different sensors: coarse x vs coarse y (step {step:g})", "", markdown(rep)]
     if "weak" not in args.skip:
         weak = bc_parent(args.task, "fpo", data, args.weak_steps, root / "bc-fpo-weak", seed=1)
         rep = compose_pair([diff, weak], root / "gpc-strong-weak", args.val_episodes, args.test_episodes)

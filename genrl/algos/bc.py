@@ -22,6 +22,7 @@ its EMA model), the trained weights are
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -105,6 +106,11 @@ class BC:
         if spec.obs_dim % O or spec.action_dim % A:
             raise ConfigError(f"the env's obs {spec.obs_dim} / action {spec.action_dim} are not stacks of the dataset's {O} / {A}")
         self.n_obs_steps, self.horizon = spec.obs_dim // O, spec.action_dim // A
+        view = getattr(env, "obs_resolution", None)
+        if view:  # the policy's sensors (env.obs_resolution): the clone learns from what it will see
+            from genrl_envs.views import apply_view
+
+            demos = dataclasses.replace(demos, obs=apply_view(demos.obs, view, O))
         self.device = torch.device(device)
         self.cfg, self.env, self.demos = cfg, env, demos
         self.data = ChunkDataset(demos, self.n_obs_steps, self.horizon, device=self.device)
