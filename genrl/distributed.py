@@ -337,6 +337,30 @@ class ShardedSampler:
         return rows[r * k : (r + 1) * k]
 
 
+def shard_transformer(module: torch.nn.Module, rep: Replica) -> None:
+    """FSDP2 in place (``torch.distributed.fsdp.fully_shard`` over all ``rep``'s processes): every
+    transformer block (diffusers' ``transformer_blocks`` / ``single_transformer_blocks``) its own
+    unit, then the root with what is left (embeddings, norms, projections). Parameters become
+    DTensors sharded on dim 0 (and stay registered so outside forwards: an EMA swap or a loaded
+    state reaches the next forward); a forward all-gathers one unit at a time, a backward reduce-scatters
+    its gradients averaged over the ranks (the gradient of the global batch's mean loss)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(rep.device.type, (rep.world_size,))
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(module, name, None) or []:
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh, reshard_after_forward=True)  # the root too: between forwards every parameter is its shard
+
+
+def unsharded_class(module: torch.nn.Module) -> type:
+    """The module's own class under FSDP2's wrapper class (``FSDP<cls>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(module).__mro__ if issubclass(c, torch.nn.Module) and not issubclass(c, FSDPModule))
+
+
 LOCAL = Replica()
 _current = LOCAL
 
@@ -387,4 +411,4 @@ def session(mode: str, algo: str, device: str, timeout_s: float) -> Iterator[Rep
             pass
 
 
-__all__ = ["LOCAL", "MODES", "Replica", "ShardedSampler", "SUPPORTED", "replica", "session"]
+__all__ = ["LOCAL", "MODES", "Replica", "ShardedSampler", "SUPPORTED", "replica", "session", "shard_transformer", "unsharded_class"]

@@ -156,9 +156,15 @@ class ImageTask:
     def start_message(self, run_dir: Path) -> str:
         return f"fine-tuning {self.cfg.t2i.model} with {self.cfg.algo}, seed {self.cfg.run.seed}, into {run_dir}"
 
+    @property
+    def collective(self) -> bool:
+        """Under FSDP every rank takes part in evaluation and export (each forward all-gathers
+        the weights); rank 0 alone writes."""
+        return self.algo.fsdp
+
     def begin(self, logger: Logger) -> None:
-        if replica().is_main:  # several processes: rank 0 alone evaluates and writes
-            logger.log(evaluate_grid(self.algo, self.cfg, logger.run_dir, 0), 0)  # the "before" grid and rewards
+        if replica().is_main or self.collective:  # several processes: rank 0 alone evaluates and writes
+            logger.log(evaluate_grid(self.algo, self.cfg, self.run_dir, 0), 0)  # the "before" grid and rewards
 
     def evaluate(self, step: int) -> dict[str, float]:
         return evaluate_grid(self.algo, self.cfg, self.run_dir, step)
@@ -169,6 +175,8 @@ class ImageTask:
     def finish(self, run_dir: Path, last_eval: dict[str, float]) -> None:
         with self.algo.ema_weights():  # the EMA weights when grpo.ema is on (Flow-GRPO saves those)
             export_model(self.algo, self.cfg, run_dir / "final")
+        if not replica().is_main:
+            return
         model_card(self.cfg, run_dir, self.algo.global_step, last_eval)
         before_after(run_dir, self.algo.global_step)
         normal_permissions(run_dir / "final")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from genrl.config import TrainConfig
+from genrl.distributed import replica
 
 if TYPE_CHECKING:
     from genrl.algos.grpo import GRPO
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 
 def export_model(algo: GRPO, cfg: TrainConfig, out: Path) -> Path:
     """Write the fine-tuned model so that diffusers loads it (LoRA file, or the full pipeline)."""
+    if getattr(algo, "fsdp", False):
+        return _export_sharded(algo, cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = algo.env.pipe
     if cfg.grpo.finetune == "lora":
@@ -31,6 +34,33 @@ def export_model(algo: GRPO, cfg: TrainConfig, out: Path) -> Path:
         pipe.save_pretrained(str(out), safe_serialization=True)
         if algo.env.model_dir is not None and (algo.env.model_dir / "genrl_t2i.json").is_file():
             shutil.copy(algo.env.model_dir / "genrl_t2i.json", out / "genrl_t2i.json")
+    return out
+
+
+def _export_sharded(algo: GRPO, cfg: TrainConfig, out: Path) -> Path:
+    """``export_model`` of an FSDP run: every rank gives its shards (a collective), rank 0 puts the
+    full weights into an unsharded transformer built on the meta device (no second allocation)
+    and saves the pipeline with it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from genrl.distributed import unsharded_class
+
+    sharded = algo.policy.transformer
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not replica().is_main:
+        return out
+    with torch.device("meta"):
+        plain = unsharded_class(sharded).from_config(sharded.config)
+    plain.load_state_dict(full, assign=True)
+    pipe = algo.env.pipe
+    pipe.register_modules(transformer=plain)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(str(out), safe_serialization=True)
+    finally:
+        pipe.register_modules(transformer=sharded)
+    if algo.env.model_dir is not None and (algo.env.model_dir / "genrl_t2i.json").is_file():
+        shutil.copy(algo.env.model_dir / "genrl_t2i.json", out / "genrl_t2i.json")
     return out
 
 
@@ -119,7 +149,8 @@ def evaluate_grid(algo: GRPO, cfg: TrainConfig, run_dir: Path, step: int) -> dic
     seeds = list(range(cfg.run.eval_episodes))
     images = algo.generate(prompts, seeds)
     title = "base model" if step == 0 else f"{cfg.algo}, {step} images" + (" (EMA)" if cfg.grpo.ema else "")
-    save_grid(images, len(prompts), run_dir / "images" / f"grid-{step}.png", labels=prompts, title=title)
+    if replica().is_main:  # FSDP: every rank generated (a collective), rank 0 writes
+        save_grid(images, len(prompts), run_dir / "images" / f"grid-{step}.png", labels=prompts, title=title)
     scores = algo.env.score(images, [p for p in prompts for _ in seeds])
     out = {f"eval/reward_{k}": float(v.mean()) for k, v in scores.items()}
     out["eval/reward_total"] = float(algo.env.rewards.total(scores).mean())

@@ -102,6 +102,14 @@ def estimate_image_memory(cfg: Any, world_size: int = 1) -> dict[str, Any]:
     else:
         trainable = counts["transformer"]
         state = trainable * wbytes * 3 + (trainable * 4 if g.ema else 0)
+    if g.fsdp and world_size > 1:  # FSDP2: 1/N of the transformer('s copies) and its state, plus the units being gathered
+        blocks = [b for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(tr, name, None) or []]
+        block = max((_count(b) for b in blocks), default=0)
+        root = counts["transformer"] - sum(_count(b) for b in blocks)  # embeddings, norms, projections: gathered for the whole forward
+        copies = 2 if g.kl_coef > 0 else 1
+        weights -= copies * counts["transformer"] * wbytes
+        weights += copies * (counts["transformer"] * wbytes // world_size) + (root + 2 * block) * wbytes  # a block computed, the next prefetched
+        state //= world_size
     # tokens: image patches of the latent, text (CLIP 77 + T5 max length, or the model's own)
     own = json.loads((folder / "genrl_t2i.json").read_text()) if (folder / "genrl_t2i.json").is_file() else {}  # the model's own defaults
     vae_scale = 2 ** (len(parts["vae"].config.block_out_channels) - 1) if "vae" in parts else 1

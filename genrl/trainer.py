@@ -256,6 +256,7 @@ def run(task: Task, run_dir: Path, candidates: list[Path]) -> Path:
     if candidates:
         restore_first_readable(candidates, agreed(task.restore), messages.append)
     algo, cfg, unit, main = task.algo, task.cfg, task.unit, replica().is_main
+    everyone = main or getattr(task, "collective", False)  # a sharded model evaluates and exports on every rank
     total = algo.n_iterations * algo.steps_per_iter
     if candidates and algo.iteration >= algo.n_iterations:
         task.close()
@@ -289,7 +290,7 @@ def run(task: Task, run_dir: Path, candidates: list[Path]) -> Path:
                 metrics = guarded_iterate(algo, run_dir)
                 step = algo.global_step
                 final = algo.iteration == algo.n_iterations
-                if main and (final or crossed(prev, step, cfg.run.eval_every)):
+                if everyone and (final or crossed(prev, step, cfg.run.eval_every)):
                     metrics.update(task.evaluate(step))
                     last_eval = metrics
                 logger.log(metrics, step)
@@ -305,8 +306,9 @@ def run(task: Task, run_dir: Path, candidates: list[Path]) -> Path:
     finally:
         logger.close()
         task.close()
-    if main:
+    if everyone:
         task.finish(run_dir, last_eval)
+    if main:
         plot_runs([run_dir], run_dir / "curves.png")
     return run_dir
 

@@ -351,6 +351,11 @@ class FlowImagePolicy(nn.Module):
             ref = copy.deepcopy(self.transformer).requires_grad_(False).eval()
             object.__setattr__(self, "_reference", ref)  # not a submodule: outside state_dict/optimizer
 
+    @property
+    def reference_transformer(self) -> nn.Module | None:
+        """The frozen full copy ``keep_reference`` made (None for LoRA or before it)."""
+        return self._reference
+
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """What fine-tuning changed: the LoRA weights (peft naming), or the full transformer."""
         if self.finetune == "lora":

@@ -96,6 +96,22 @@ def main() -> None:
         b = est["bytes"]
         print(f"| {gpus} | {16 * 24 // gpus} | {'yes' if ckpt else 'no'} | {b['weights'] / GIB:.1f} GiB | {b['trainable_state'] / GIB:.2f} GiB | "
               f"{b['activations'] / GIB:.1f} GiB | {b['rollout'] / GIB:.2f} GiB | **{b['total'] / GIB:.1f} GiB** |")  # fmt: skip
+    # full fine-tuning of the transformer (bf16 weights, AdamW moments and EMA), gradient checkpointing on:
+    # replicated (data parallel) vs sharded (grpo.fsdp)
+    print()
+    print("| GPUs | full fine-tuning | weights | gradients + AdamW + EMA | activations | rollout | total per GPU |")
+    print("|---|---|---|---|---|---|---|")
+    for gpus in args.gpus:
+        for fsdp in (False, True) if gpus > 1 else (False,):
+            cfg = config_from_dict({
+                "env": "t2i", "algo": "flow-grpo", "model": str(folder), "preset": "flow-grpo", "dtype": "bfloat16",
+                "grpo": {"prompts_per_iter": 16, "micro_batch": 4, "autocast": "bfloat16", "gradient_checkpointing": True,
+                         "resolution": 512, "finetune": "full", "fsdp": fsdp},
+                "run": {"progress": False},
+            })  # fmt: skip
+            b = estimate_image_memory(cfg, world_size=gpus)["bytes"]
+            print(f"| {gpus} | {'FSDP (grpo.fsdp)' if fsdp else 'replicated'} | {b['weights'] / GIB:.1f} GiB | {b['trainable_state'] / GIB:.1f} GiB | "
+                  f"{b['activations'] / GIB:.1f} GiB | {b['rollout'] / GIB:.2f} GiB | **{b['total'] / GIB:.1f} GiB** |")  # fmt: skip
 
 
 if __name__ == "__main__":

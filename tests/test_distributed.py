@@ -408,6 +408,11 @@ def test_unsupported_combinations_are_refused_in_one_line(monkeypatch: pytest.Mo
             build_image(_image_cfg(algo, **over))
     with pytest.raises(ConfigError, match="invalid run.distributed"):
         config_from_dict({"run": {"distributed": "fsdp"}})
+    with pytest.raises(ConfigError, match="grpo.fsdp shards full fine-tuning"):
+        _image_cfg("flow-grpo", fsdp=True)
+    monkeypatch.setattr(grpo, "replica", lambda: Replica(0, 1))
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        build_image(_image_cfg("flow-grpo", finetune="full", fsdp=True))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="needs a launcher: torchrun"), session("ddp", "ppo", "cpu", 1.0):
         pass
@@ -559,12 +564,15 @@ def _image_batch_and_grads(algo: Any, batch: dict[str, Any] | None = None) -> tu
     batch = batch or algo.collect(_Timer())
     grads: list[dict[str, torch.Tensor]] = []
     names = {id(p): n for n, p in algo.policy.named_parameters()}
-    algo.optimizer.step = lambda *a, **k: grads.append({names[id(p)]: p.grad.clone() for p in algo.params})
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g.clone()  # noqa: E731  FSDP: every rank's shards
+    algo.optimizer.step = lambda *a, **k: grads.append({names[id(p)]: full(p.grad) for p in algo.params})
     algo.update(batch)
     return batch, grads
 
 
 _IMAGE_KEYS = {"flow-grpo": ("x", "x_next", "log_prob", "mean", "advantages"), "g2rpo": ("anchors", "x_next", "log_prob", "mean", "advantages")}
+_IMAGE_RUNS = {"flow-grpo": ("flow-grpo", {}), "g2rpo": ("g2rpo", {}), "flow-grpo-fsdp": ("flow-grpo", {"finetune": "full", "fsdp": True})}
+"""test name -> (algorithm, grpo overrides); the FSDP run's one-process reference is full fine-tuning."""
 
 
 def _image_update_worker(rank: int, world: int, out: Path) -> None:
@@ -572,13 +580,13 @@ def _image_update_worker(rank: int, world: int, out: Path) -> None:
     from genrl.image_trainer import build_image
 
     with session("ddp", "flow-grpo", "cpu", TIMEOUT_S):
-        for name in ("flow-grpo", "g2rpo"):
-            algo = build_image(_image_cfg(name))
+        for name, (algo_name, over) in _IMAGE_RUNS.items():
+            algo = build_image(_image_cfg(algo_name, **over))
             batch, grads = _image_batch_and_grads(algo)
             prompts = {f"prompt{i}": torch.tensor(list(p.encode())) for i, p in enumerate(batch["prompts"])}
             scores = {f"score.{k}": v for k, v in batch["scores"].items()}
-            dim = 0 if name == "flow-grpo" else 1
-            save_file({**{k: batch[k].contiguous() for k in _IMAGE_KEYS[name]}, **prompts, **scores, "dim": torch.tensor(dim),
+            dim = 0 if algo_name == "flow-grpo" else 1
+            save_file({**{k: batch[k].contiguous() for k in _IMAGE_KEYS[algo_name]}, **prompts, **scores, "dim": torch.tensor(dim),
                        **{f"grad{i}.{n}": g for i, step in enumerate(grads) for n, g in step.items()}}, str(out / f"{name}{rank}.safetensors"))  # fmt: skip
 
 
@@ -589,19 +597,24 @@ def image_numbers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["flow-grpo", "g2rpo"])
-def test_image_groups_span_ranks_and_the_update_equals_one_process(image_numbers: Path, name: str) -> None:
+@pytest.mark.parametrize("run", list(_IMAGE_RUNS))
+def test_image_groups_span_ranks_and_the_update_equals_one_process(image_numbers: Path, run: str) -> None:
+    """Data parallel (LoRA, gradients all-reduced) and FSDP (full fine-tuning, sharded weights,
+    gradients reduce-scattered): the gradients of every optimiser step equal one process's on the
+    concatenated batch."""
     from genrl.advantages import aggregate_advantages
     from genrl.algos.grpo import trained_steps
     from genrl.image_trainer import build_image
     from genrl_policies.t2i import Conditioning
 
-    ranks = [load_file(str(image_numbers / f"{name}{r}.safetensors")) for r in range(2)]
+    name, over = _IMAGE_RUNS[run]
+    over = {k: v for k, v in over.items() if k != "fsdp"}
+    ranks = [load_file(str(image_numbers / f"{run}{r}.safetensors")) for r in range(2)]
     dim = int(ranks[0]["dim"])
     for key in ranks[0]:
         if key.startswith(("grad", "score.")):  # identical averaged gradients; every rank saw every reward
             assert torch.equal(ranks[0][key], ranks[1][key]), key
-    ref = build_image(_image_cfg(name))  # one process, the same seed: the same prompts and initial noise
+    ref = build_image(_image_cfg(name, **over))  # one process, the same seed: the same prompts and initial noise
     prompts = ref._prompts()
     seen = [[bytes(r[f"prompt{i}"].tolist()).decode() for i in range(sum(k.startswith("prompt") for k in r))] for r in ranks]
     assert seen == ([prompts, prompts] if name == "flow-grpo" else [prompts[:1], prompts[1:]])  # G2RPO: each rank its whole prompts
@@ -657,4 +670,49 @@ def test_flow_grpo_run_on_two_processes_writes_once_and_resumes_bitwise(tmp_path
         shutil.rmtree(same / "checkpoints" / str(step))
     assert _spawn(_image_train_worker, same, True) == [0, 0]
     _same_checkpoint(run / "checkpoints" / "24", same / "checkpoints" / "24")
+    assert _progress(same) == _progress(run)
+
+
+def _fsdp_train_worker(rank: int, world: int, out: Path, resume: bool) -> None:
+    import genrl.image_trainer as image_trainer
+    from genrl.trainer import train
+
+    if rank > 0:
+
+        def refuse(*_: Any, **__: Any) -> None:
+            raise AssertionError(f"rank {rank} wrote a checkpoint")
+
+        image_trainer.save_checkpoint = refuse  # type: ignore[assignment]
+    train(resume=out) if resume else train(_image_cfg("flow-grpo", out, total=24, finetune="full", fsdp=True, ema=True))
+
+
+def test_fsdp_run_writes_full_weights_once_exports_a_loadable_model_and_resumes_bitwise(tmp_path: Path) -> None:
+    from genrl.checkpoint import checkpoint_steps, load_checkpoint
+    from genrl.image_trainer import load_finetuned
+
+    run = tmp_path / "run"
+    assert _spawn(_fsdp_train_worker, run, False) == [0, 0]
+    assert checkpoint_steps(run) == [6, 12, 18, 24] and (run / "images" / "grid-24.png").is_file()
+    ckpt = load_checkpoint(run / "checkpoints" / "24", files=("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json"))
+    weights = ckpt["tensors"]["adapter"]
+    pipe = load_finetuned(run)  # the exported pipeline, unsharded, loadable by diffusers
+    exported = pipe.transformer.state_dict()
+    assert set(exported) == set(weights)
+    ema = {k: v for k, v in ckpt["trainer"].items() if k.startswith("ema.")}
+    trained = [p for p in pipe.transformer.parameters()]
+    assert len(ema) == len(trained)  # full (unsharded) EMA tensors, one per parameter
+    for i, p in enumerate(trained):  # Flow-GRPO exports the EMA weights
+        assert torch.equal(p.detach(), ema[f"ema.{i}"]), i
+    assert not all(torch.equal(weights[k], exported[k]) for k in weights)  # the live weights differ from the EMA ones
+    state = ckpt["optimizer"]["state"]
+    assert set(state) <= set(weights) and all(v["exp_avg"].shape == weights[k].shape for k, v in state.items())  # full, by name
+    same = tmp_path / "same"
+    shutil.copytree(run, same)
+    for step in (18, 24):
+        shutil.rmtree(same / "checkpoints" / str(step))
+    assert _spawn(_fsdp_train_worker, same, True) == [0, 0]
+    _same_checkpoint(run / "checkpoints" / "24", same / "checkpoints" / "24")
+    resumed = load_checkpoint(same / "checkpoints" / "24", files=("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json"))
+    for k, v in state.items():  # the AdamW moments, gathered from the shards, bitwise
+        assert all(torch.equal(v[m], resumed["optimizer"]["state"][k][m]) for m in ("exp_avg", "exp_avg_sq")), k
     assert _progress(same) == _progress(run)

@@ -46,6 +46,23 @@ def test_the_estimate_follows_the_settings() -> None:
     assert cfg_guided["micro_batch_rows"] == 64  # conditional and unconditional rows
 
 
+def test_fsdp_holds_a_shard_of_the_transformer_and_its_state_plus_the_gathered_units() -> None:
+    full = estimate_image_memory(_cfg(finetune="full"), world_size=4)
+    sharded = estimate_image_memory(_cfg(finetune="full", fsdp=True), world_size=4)
+    n, wb = sharded["params"]["transformer"], 4
+    assert sharded["bytes"]["trainable_state"] * 4 == full["bytes"]["trainable_state"]  # gradients + AdamW moments: 1/4 each
+    saved = full["bytes"]["weights"] - sharded["bytes"]["weights"]
+    assert 0 < saved < n * wb * 3 // 4  # 3/4 of the transformer, less the units gathered for the forward
+    from diffusers import SD3Transformer2DModel
+
+    from genrl_envs.t2i import DIGITS_MODEL_DIR
+
+    tr = SD3Transformer2DModel.from_pretrained(DIGITS_MODEL_DIR / "transformer")
+    block = sum(p.numel() for p in tr.transformer_blocks[0].parameters())
+    root = n - sum(p.numel() for b in tr.transformer_blocks for p in b.parameters())
+    assert saved == n * wb - (n * wb // 4 + (root + 2 * block) * wb)
+
+
 def test_a_folder_with_configs_and_no_weights_is_enough(tmp_path: Path) -> None:
     from genrl_envs.t2i import DIGITS_MODEL_DIR
 

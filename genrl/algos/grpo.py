@@ -136,6 +136,15 @@ class GRPO:
             self._check_shards(cfg, algo)
         if cfg.kl_coef > 0:
             policy.keep_reference()
+        self.fsdp = cfg.fsdp
+        if cfg.fsdp:  # FSDP2: each rank keeps 1/N of the weights, gradients and AdamW state
+            if self.dist.world_size == 1:
+                raise ConfigError("grpo.fsdp shards the model across processes: launch with torchrun --nproc_per_node N (N >= 2)")
+            from genrl.distributed import shard_transformer
+
+            for module in (policy.transformer, policy.reference_transformer):
+                if module is not None:
+                    shard_transformer(module, self.dist)
         self.params = params = policy.trainable_parameters()
         if not params:
             raise ConfigError("the policy has no trainable parameters")
@@ -266,11 +275,12 @@ class GRPO:
         bad = not torch.isfinite(loss)
         if self.dist.world_size > 1:  # every rank stops alike; then the gradient of the global batch
             bad = self.dist.any(bad)[0]
-            if not bad:
+            if not bad and not self.fsdp:  # FSDP's backward already reduce-scattered the averaged gradients
                 self.dist.average_grads(self.params)
         if bad:
             raise NonFiniteLossError(f"non-finite GRPO loss at iteration {self.iteration}")
         gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn  # FSDP: the norm over every rank's shards
         if not torch.isfinite(gn):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}")
@@ -320,21 +330,41 @@ class GRPO:
         return self.env.decode(x)
 
     def state_dict(self) -> dict[str, Any]:
+        """The trained weights, optimiser, streams, counters (and EMA). Under FSDP a collective:
+        every rank calls it; rank 0 gets the full (unsharded, CPU) weights, optimiser state keyed
+        by parameter names, and EMA, the other ranks empty ones."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(self.policy.transformer, options=opts)
+            optimizer = get_optimizer_state_dict(self.policy.transformer, self.optimizer, options=opts)
+            ema = [e.full_tensor().cpu() for e in self.ema] if self.ema is not None else None
+        else:
+            weights, optimizer, ema = self.policy.adapter_state_dict(), self.optimizer.state_dict(), self.ema
         out = {
-            "adapter": self.policy.adapter_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "adapter": weights,
+            "optimizer": optimizer,
             "generator": self.generator.get_state(),
             **({"shared_generator": self.shared.get_state()} if self.dist.world_size > 1 else {}),
             "iteration": self.iteration,
             "optimizer_steps": self.optimizer_steps,
         }
-        if self.ema is not None:
-            out["ema"] = {f"ema.{i}": e.clone() for i, e in enumerate(self.ema)}
+        if ema is not None:
+            out["ema"] = {f"ema.{i}": e.clone() for i, e in enumerate(ema)}
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_adapter_state_dict(state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """``state_dict``'s contents (under FSDP the full ones, on every rank: each keeps its shards)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.policy.transformer, state["adapter"], options=opts)
+            set_optimizer_state_dict(self.policy.transformer, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.policy.load_adapter_state_dict(state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         if self.dist.world_size > 1:
             self.shared.set_state(state["shared_generator"])
@@ -345,4 +375,9 @@ class GRPO:
             if saved is None or len(saved) != len(self.ema):
                 raise ValueError("the checkpoint holds no EMA weights for this run's grpo.ema = true")
             for i, e in enumerate(self.ema):
-                e.copy_(saved[f"ema.{i}"])
+                full = saved[f"ema.{i}"].to(e.device)
+                if hasattr(e, "device_mesh"):  # FSDP: this rank's shard of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    full = distribute_tensor(full, e.device_mesh, e.placements)
+                e.copy_(full)

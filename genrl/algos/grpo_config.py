@@ -70,6 +70,11 @@ class GRPOConfig:
     """Recompute each transformer block's activations in the backward pass instead of storing them
     (diffusers' ``enable_gradient_checkpointing``): training memory per block falls to its input,
     for about one more forward of compute. Gradients are unchanged."""
+    fsdp: bool = False
+    """Full fine-tuning over several processes (torchrun): shard the transformer's weights,
+    gradients and AdamW state across them with torch's FSDP2 (``fully_shard``, one unit per
+    transformer block), so each device holds 1/N of them plus the block being computed; for models
+    whose full fine-tuning does not fit one device. Needs ``finetune = "full"``."""
     guidance_scale: float | None = None
     resolution: int | None = None
     eval_n_steps: int | None = None
@@ -146,6 +151,8 @@ class GRPOConfig:
         ):
             if value not in valid:
                 raise ConfigError(f"invalid grpo.{name} = {value!r}; valid: {', '.join(str(v) for v in valid)}")
+        if self.fsdp and self.finetune != "full":
+            raise ConfigError("grpo.fsdp shards full fine-tuning: set grpo.finetune = 'full' (LoRA adapters are small enough to replicate)")
         if self.noise_level == 0:
             raise ConfigError("grpo.noise_level must be > 0: GRPO needs stochastic steps")
         if not self.schedule_shift > 0:
