@@ -638,6 +638,15 @@ def test_image_groups_span_ranks_and_the_update_equals_one_process(image_numbers
             torch.testing.assert_close(ranks[0][f"grad{i}.{n}"], g, rtol=1e-4, atol=1e-7, msg=f"step {i} {n}")
 
 
+def _cut_to(run: Path, to: Path, step: int) -> Path:
+    """A copy of ``run`` whose checkpoints end at ``step`` (what a run stopped there leaves)."""
+    shutil.copytree(run, to)
+    for ckpt in (to / "checkpoints").iterdir():
+        if int(ckpt.name) > step:
+            shutil.rmtree(ckpt)
+    return to
+
+
 def _image_train_worker(rank: int, world: int, out: Path, resume: bool) -> None:
     import genrl.image_trainer as image_trainer
     from genrl.checkpoint import latest_checkpoint
@@ -664,10 +673,7 @@ def test_flow_grpo_run_on_two_processes_writes_once_and_resumes_bitwise(tmp_path
     ckpt = load_checkpoint(run / "checkpoints" / "24", files=("adapter.safetensors", "trainer.safetensors", "state.json"))
     assert ckpt["state"]["distributed"] == {"world_size": 2} and "rank1" in ckpt["tensors"]
     assert not torch.equal(ckpt["tensors"]["rank1"]["generator"], ckpt["trainer"]["generator"])  # each rank's own SDE noise
-    same = tmp_path / "same"
-    shutil.copytree(run, same)
-    for step in (18, 24):
-        shutil.rmtree(same / "checkpoints" / str(step))
+    same = _cut_to(run, tmp_path / "same", 12)
     assert _spawn(_image_train_worker, same, True) == [0, 0]
     _same_checkpoint(run / "checkpoints" / "24", same / "checkpoints" / "24")
     assert _progress(same) == _progress(run)
@@ -706,10 +712,7 @@ def test_fsdp_run_writes_full_weights_once_exports_a_loadable_model_and_resumes_
     assert not all(torch.equal(weights[k], exported[k]) for k in weights)  # the live weights differ from the EMA ones
     state = ckpt["optimizer"]["state"]
     assert set(state) <= set(weights) and all(v["exp_avg"].shape == weights[k].shape for k, v in state.items())  # full, by name
-    same = tmp_path / "same"
-    shutil.copytree(run, same)
-    for step in (18, 24):
-        shutil.rmtree(same / "checkpoints" / str(step))
+    same = _cut_to(run, tmp_path / "same", 12)
     assert _spawn(_fsdp_train_worker, same, True) == [0, 0]
     _same_checkpoint(run / "checkpoints" / "24", same / "checkpoints" / "24")
     resumed = load_checkpoint(same / "checkpoints" / "24", files=("adapter.safetensors", "trainer.safetensors", "optimizer.pt", "state.json"))
