@@ -232,6 +232,8 @@ def compose_main(
     best_parent = max((k for k in test if k.startswith("parent")), key=lambda k: test[k].success_rate)
     c, b = report["test"]["composition"], report["test"][best_parent]
     report["beats_best_parent"] = bool(c["success_ci95"][0] > b["success_ci95"][1])
+    best_return = max((k for k in test if k.startswith("parent")), key=lambda k: float(test[k].returns.mean()))
+    report["return_beats_best_parent"] = bool(c["return_ci95"][0] > report["test"][best_return]["return_ci95"][1])
     if out is not None:
         write_report(report, Path(out))
     return report
@@ -252,7 +254,8 @@ def markdown(report: dict[str, Any]) -> str:
     for name, r in report["test"].items():
         lines.append(f"| {name} | {format_weights(r['weights'])} | {r['success_rate']:.3f} | [{r['success_ci95'][0]:.3f}, {r['success_ci95'][1]:.3f}] "
                      f"| {r['return_mean']:.1f} | [{r['return_ci95'][0]:.1f}, {r['return_ci95'][1]:.1f}] |")  # fmt: skip
-    lines += ["", f"Composition beats the better parent beyond the 95% intervals: {'yes' if report['beats_best_parent'] else 'no'}."]
+    lines += ["", f"Composition beats the better parent beyond the 95% intervals: {'yes' if report['beats_best_parent'] else 'no'} (success), "
+              f"{'yes' if report.get('return_beats_best_parent') else 'no'} (return)."]  # fmt: skip
     return "\n".join(lines)
 
 

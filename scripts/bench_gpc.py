@@ -5,6 +5,7 @@ resumes.
 
     python scripts/bench_gpc.py --task cube --out bench_out/gpc      # OGBench cube-single, task 1
     python scripts/bench_gpc.py --task maze --out bench_out/gpc      # genrl/PointMaze-v0
+    python scripts/bench_gpc.py --task maze-timed --skip moderate weak ppo --out bench_out/gpc   # blind-axis sensors, 60-step limit
     python scripts/bench_gpc.py --task cube --diffusion-steps 6000 --skip moderate weak ppo   # the views pair alone
 
 Parents (moderate on purpose, as the paper studies): a DDPM diffusion policy and an FPO flow
@@ -14,7 +15,8 @@ from x_K = 0; FPO still draws its initial noise), as Diffusion Policy evaluates 
 The different-sensors pair (``views``): two diffusion parents cloned for ``--diffusion-steps``
 from the same demonstrations, each through its own coarse sensor (``env.obs_resolution``): one
 rounds the x coordinate of the object the task hinges on (the cube; the point in the maze) to
-``--view-step``, the other its y coordinate, the paper's setting of one state seen through two
+``--view-step``, the other its y coordinate (a step wider than the coordinate's range blinds that
+sensor along its axis: maze-timed's default), the paper's setting of one state seen through two
 inputs with complementary errors.
 Writes ``<out>/<task>/results.md``.
 """
@@ -31,6 +33,8 @@ TASKS = {
     # (cube: the cube's x / y position, 10 units per metre; maze: the point's x / y, 1 unit per cell)
     "cube": {"env_id": "cube-single-singletask-task1-v0", "episodes": 100, "views": ([19], [20]), "view_step": 0.5},
     "maze": {"env_id": "genrl/PointMaze-v0", "episodes": 100, "views": ([0], [1]), "view_step": 0.5},
+    # the maze with a 60-step limit (the expert needs 32): success then means reaching the goal without wandering
+    "maze-timed": {"env_id": "genrl/PointMaze-v0", "env_kwargs": {"max_episode_steps": 60}, "episodes": 100, "views": ([0], [1]), "view_step": 100.0},
 }
 CHUNKS = {"horizon": 8, "n_obs_steps": 2, "n_action_steps": 4}
 
@@ -59,7 +63,8 @@ def bc_parent(task: str, family: str, data: Path, steps: int, out: Path, seed: i
     if family == "fpo":
         pc["n_steps"] = 10
     cfg = config_from_dict({
-        "algo": "bc", "policy": family, "env": {"env_id": TASKS[task]["env_id"], **CHUNKS, "obs_resolution": view or {}}, "policy_config": pc,
+        "algo": "bc", "policy": family, "env": {"env_id": TASKS[task]["env_id"], "env_kwargs": TASKS[task].get("env_kwargs", {}), **CHUNKS, "obs_resolution": view or {}},
+        "policy_config": pc,
         "algo_config": {"dataset": str(data), "updates_per_iter": 500},
         "run": {"total_steps": steps, "seed": seed, "out": str(out), "save_every": 500, "eval_episodes": 30, "progress": False},
     })  # fmt: skip
@@ -89,7 +94,8 @@ def fine_tune(task: str, parent: Path, steps: int, out: Path, test: int) -> dict
         train(resume=out)
     else:
         cfg = config_from_dict({
-            "policy": "diffusion", "init_from": str(parent), "env": {"env_id": TASKS[task]["env_id"], "n_envs": 8, **CHUNKS},
+            "policy": "diffusion", "init_from": str(parent),
+            "env": {"env_id": TASKS[task]["env_id"], "env_kwargs": TASKS[task].get("env_kwargs", {}), "n_envs": 8, **CHUNKS},
             "policy_config": {"hidden_sizes": [256, 256, 256], "ft_denoising_steps": 5},
             "ppo": {"n_steps": 64, "n_minibatches": 4, "n_epochs": 5, "learning_rate": 1e-5, "clip_coef": 0.01, "anneal_lr": False, "max_grad_norm": 1.0},
             "run": {"total_steps": steps, "seed": 0, "out": str(out), "save_every": max(512, steps // 10), "eval_episodes": 30, "progress": False},

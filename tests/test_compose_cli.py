@@ -77,6 +77,10 @@ def test_the_search_never_reads_test_seeds(parents: list[Path], monkeypatch: pyt
     assert {seed for seed, _ in seen[len(searched) :]} == {compose.TEST_SEED}
     assert [r["weights"] for r in report["validation"]] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
     assert set(report["test"]) == {"parent 1", "parent 2", "composition"}
+    parents, comp = [report["test"]["parent 1"], report["test"]["parent 2"]], report["test"]["composition"]
+    for verdict, value, ci in (("beats_best_parent", "success_rate", "success_ci95"), ("return_beats_best_parent", "return_mean", "return_ci95")):
+        best = max(parents, key=lambda r: r[value])  # the better parent by that measure; the verdict follows the intervals
+        assert report[verdict] == (comp[ci][0] > best[ci][1]), verdict
     assert (tmp_path / "out" / "weights.png").is_file() and json.loads((tmp_path / "out" / "report.json").read_text())["chosen_weights"]
 
 
