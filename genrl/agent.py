@@ -61,6 +61,7 @@ class Agent:
         env_kwargs: dict[str, Any] | None = None,
         chunking: dict[str, int] | None = None,
         obs_resolution: dict[Any, float] | None = None,
+        algo: str | None = None,
     ) -> None:
         from genrl_envs.views import parse_resolution
 
@@ -76,6 +77,8 @@ class Agent:
         """{"horizon", "n_obs_steps", "n_action_steps"} when the policy acts on stacked
         observations and predicts action chunks (``envs.chunking``), else None."""
         self.obs_resolution = parse_resolution(obs_resolution)
+        self.algo = algo
+        """The algorithm that trained it ("ppo", "bc", "sac", ...), None when unknown."""
         self._low, self._high = torch.from_numpy(self.action_low), torch.from_numpy(self.action_high)
 
     @property
@@ -124,7 +127,7 @@ class Agent:
         low, high = _action_box(cfg.env.env_id, cfg.env.env_kwargs, cfg.env.chunking)
         return cls(policy, env_id=cfg.env.env_id, obs_normalizer=norm, clip_obs=cfg.env.clip_obs, action_low=low,
                    action_high=high, step=int(data["state"]["global_step"]), env_kwargs=cfg.env.env_kwargs,
-                   chunking=cfg.env.chunking, obs_resolution=cfg.env.obs_resolution)  # fmt: skip
+                   chunking=cfg.env.chunking, obs_resolution=cfg.env.obs_resolution, algo=cfg.algo)  # fmt: skip
 
     @classmethod
     def _load_exported(cls, path: Path, device: str) -> "Agent":
@@ -151,7 +154,7 @@ class Agent:
                 raise CheckpointError(f"unreadable {path / 'normalizer.safetensors'}: {str(exc).splitlines()[0]}") from None
         return cls(policy, env_id=meta["env_id"], obs_normalizer=norm, clip_obs=meta["clip_obs"],
                    action_low=np.array(meta["action_low"]), action_high=np.array(meta["action_high"]), step=meta.get("step"),
-                   env_kwargs=meta.get("env_kwargs"), chunking=meta.get("chunking"), obs_resolution=meta.get("obs_resolution"))  # fmt: skip
+                   env_kwargs=meta.get("env_kwargs"), chunking=meta.get("chunking"), obs_resolution=meta.get("obs_resolution"), algo=meta.get("algo"))  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         """Export this agent (policy, normaliser, bounds; no optimiser) to a folder, atomically."""
@@ -164,7 +167,7 @@ class Agent:
             "obs_dim": int(self.policy.obs_dim), "action_dim": int(self.policy.action_dim),
             "normalize_obs": self.obs_normalizer is not None, "clip_obs": self.clip_obs, "obs_epsilon": _EPS,
             "action_low": self.action_low.tolist(), "action_high": self.action_high.tolist(), "chunking": self.chunking,
-            "obs_resolution": {str(k): v for k, v in self.obs_resolution.items()},
+            "obs_resolution": {str(k): v for k, v in self.obs_resolution.items()}, "algo": self.algo,
         }  # fmt: skip
 
         def write(tmp: Path) -> None:

@@ -91,7 +91,10 @@ def build(cfg: TrainConfig) -> PPO:
 
 def init_policy(policy: Any, env: Any, source: str) -> None:
     """Load the policy weights of ``source`` (a run, checkpoint or exported agent) into ``policy``
-    and its observation statistics into ``env`` (they keep updating). ConfigError on a mismatch."""
+    and its observation statistics into ``env``: frozen when ``source`` was behaviour-cloned (DPPO
+    and ReinFlow fine-tune under the pretraining data's normalisation; statistics of the
+    fine-tuning rollouts would shift the clone's inputs), else updating as in any run. ConfigError
+    on a mismatch."""
     from genrl.agent import Agent
 
     try:
@@ -110,7 +113,7 @@ def init_policy(policy: Any, env: Any, source: str) -> None:
     if hasattr(policy, "sync_base"):  # a fine-tuning copy whose frozen steps start from the loaded net
         policy.sync_base()
     if agent.obs_normalizer is not None and hasattr(env, "set_obs_normalizer"):
-        env.set_obs_normalizer(agent.obs_normalizer, frozen=False)
+        env.set_obs_normalizer(agent.obs_normalizer, frozen=agent.algo == "bc")
 
 
 def save_state(algo: Any, cfg: TrainConfig, run_dir: Path) -> Path | None:

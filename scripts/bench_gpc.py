@@ -33,8 +33,9 @@ TASKS = {
     # (cube: the cube's x / y position, 10 units per metre; maze: the point's x / y, 1 unit per cell)
     "cube": {"env_id": "cube-single-singletask-task1-v0", "episodes": 100, "views": ([19], [20]), "view_step": 0.5},
     "maze": {"env_id": "genrl/PointMaze-v0", "episodes": 100, "views": ([0], [1]), "view_step": 0.5},
-    # the maze with a 60-step limit (the expert needs 32): success then means reaching the goal without wandering
-    "maze-timed": {"env_id": "genrl/PointMaze-v0", "env_kwargs": {"max_episode_steps": 60}, "episodes": 100, "views": ([0], [1]), "view_step": 100.0},
+    # the maze with an 80-step limit (the expert needs 32): success then means reaching the goal without wandering. 80 was
+    # chosen on validation seeds so that both blind-axis parents are moderate (0.60 and 0.38 of 100 validation episodes)
+    "maze-timed": {"env_id": "genrl/PointMaze-v0", "env_kwargs": {"max_episode_steps": 80}, "episodes": 100, "views": ([0], [1]), "view_step": 100.0},
 }
 CHUNKS = {"horizon": 8, "n_obs_steps": 2, "n_action_steps": 4}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from compare import assert_same_tensors
 
@@ -65,7 +66,12 @@ def test_ppo_fine_tunes_the_cloned_policy(demos: Path, tmp_path: Path) -> None:
         src = cloned[k] if k in cloned else cloned[k.replace("base_net.", "net.")]
         assert (v == src).all(), k
     algo.env.close()
-    assert (train(cfg) / "final").is_dir()
+    run = train(cfg)
+    assert (run / "final").is_dir()
+    source, tuned = Agent.load(bc), Agent.load(run)  # the clone's dataset statistics stay frozen through fine-tuning (DPPO)
+    assert source.algo == "bc" and tuned.algo == "ppo"
+    for k in ("mean", "var", "count"):
+        assert np.array_equal(tuned.obs_normalizer[k], source.obs_normalizer[k]), k
 
 
 def test_bc_refuses_what_it_cannot_clone(demos: Path, tmp_path: Path) -> None:
