@@ -6,6 +6,10 @@ gymnasium env and returns the episodes as flat numpy arrays (the layout of ``gen
 * ``genrl/PointMaze-v0`` (``MazeExpert``): PD control towards waypoints round the left or the
   right of the central block, then to the goal; the route is drawn per episode (``p_left``), so
   the demonstrations are bimodal. Episode info: ``route`` (planned) and ``route_taken``.
+* ``genrl/RoboticsPointMaze-v0`` (gymnasium-robotics' MuJoCo PointMaze on the same two-route map)
+  and any gymnasium-robotics ``PointMaze_*`` id (``RoboticsMazeExpert``): a breadth-first planner
+  on the maze's cells picks, per episode, one of the shortest routes (left or right where there
+  are two, ``p_left``) and a PD controller follows its cell centres, then the goal.
 * OGBench ``cube-single-v0`` and its single-task ids ``cube-single-singletask[-taskK]-v0``
   (``CubeExpert``): OGBench's own Markov pick-and-place oracle (the one behind its "noisy"
   datasets), fed from the observation vector and the task's goal observation (``info["goal"]``
@@ -32,10 +36,12 @@ import numpy as np
 from genrl_envs.base import EnvError
 from genrl_envs.maze import DEFAULT_MAP, interior_block, parse_map, route_taken
 from genrl_envs.maze import ENV_ID as MAZE_ID
+from genrl_envs.maze import ROBOTICS_ENV_ID as ROBOTICS_MAZE_ID
 
 CUBE_GOAL_CONDITIONED = "cube-single-v0"
 CUBE_SINGLE_TASK = ("cube-single-singletask-v0", *(f"cube-single-singletask-task{k}-v0" for k in range(1, 6)))
-SUPPORTED_ENVS = (MAZE_ID, CUBE_GOAL_CONDITIONED, *CUBE_SINGLE_TASK)
+ROBOTICS_MAZES = (ROBOTICS_MAZE_ID, "PointMaze_UMaze-v3", "PointMaze_Open-v3", "PointMaze_Medium-v3", "PointMaze_Large-v3")
+SUPPORTED_ENVS = (MAZE_ID, *ROBOTICS_MAZES, CUBE_GOAL_CONDITIONED, *CUBE_SINGLE_TASK)
 
 
 class Expert(Protocol):
@@ -105,6 +111,103 @@ class MazeExpert:
 
     def config(self) -> dict[str, Any]:
         return {**asdict(self), "maze_map": list(self.maze_map)}
+
+
+@dataclass
+class RoboticsMazeExpert:
+    """Planner + PD controller for gymnasium-robotics' PointMaze (flattened observation
+    [achieved_goal (2), desired_goal (2), x, y, vx, vy], action = force in [-1, 1]^2).
+
+    At reset a breadth-first search from the goal's cell gives every free cell its distance; the
+    route starts with one of the start cell's neighbours that lie on a shortest path (the left one
+    with probability ``p_left`` when there are two, on either side of the start) and then descends
+    the distances; the controller aims ``kp (target - x) - kd v`` at each cell centre in turn
+    (switching within ``switch_radius``) and finally at the goal. ``maze_map``: the env's map
+    (rows of 1 wall / 0 free / "r" reset / "g" goal / "c" either), ``scaling`` its cell size.
+    """
+
+    maze_map: tuple[tuple[Any, ...], ...]
+    scaling: float = 1.0
+    p_left: float = 0.5
+    kp: float = 10.0
+    kd: float = 1.0
+    switch_radius: float = 0.3
+    noise: float = 0.0
+    name: str = field(default="robotics-maze-bfs-pd", init=False)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_left <= 1.0 or self.noise < 0.0 or self.switch_radius <= 0.0 or self.scaling <= 0.0:
+            raise EnvError("robotics maze expert: need 0 <= p_left <= 1, noise >= 0, switch_radius > 0 and scaling > 0")
+        self.maze_map = tuple(tuple(row) for row in self.maze_map)
+        self._rows, self._cols = len(self.maze_map), len(self.maze_map[0])
+        self._path: list[tuple[int, int]] = []
+        self.route = "none"
+        self._k, self._xi, self._goal = 0, 0.0, np.zeros(2)
+        self._rng = np.random.default_rng(0)
+
+    def _xy(self, cell: tuple[int, int]) -> np.ndarray:
+        """gymnasium-robotics' ``Maze.cell_rowcol_to_xy``: the map centred on the origin, y up."""
+        r, c = cell
+        return np.array([(c + 0.5) * self.scaling - self._cols * self.scaling / 2, self._rows * self.scaling / 2 - (r + 0.5) * self.scaling])
+
+    def _cell(self, xy: np.ndarray) -> tuple[int, int]:
+        return (int(np.floor((self._rows * self.scaling / 2 - xy[1]) / self.scaling)), int(np.floor((xy[0] + self._cols * self.scaling / 2) / self.scaling)))
+
+    def _free(self, cell: tuple[int, int]) -> bool:
+        r, c = cell
+        return 0 <= r < self._rows and 0 <= c < self._cols and self.maze_map[r][c] != 1
+
+    def reset(self, obs: np.ndarray, info: dict[str, Any], rng: np.random.Generator) -> None:
+        o = np.asarray(obs, dtype=np.float64)
+        self._goal = o[2:4].copy()
+        start, goal = self._cell(o[4:6]), self._cell(self._goal)
+        dist = {goal: 0}
+        frontier = [goal]
+        while frontier:  # breadth-first distances from the goal cell
+            nxt = []
+            for r, c in frontier:
+                for cell in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                    if self._free(cell) and cell not in dist:
+                        dist[cell] = dist[(r, c)] + 1
+                        nxt.append(cell)
+            frontier = nxt
+        if start not in dist:
+            raise EnvError(f"robotics maze expert: no path from cell {start} to the goal's cell {goal}")
+        steps = lambda cell: [n for n in ((cell[0] - 1, cell[1]), (cell[0] + 1, cell[1]), (cell[0], cell[1] - 1), (cell[0], cell[1] + 1))
+                              if dist.get(n) == dist[cell] - 1]  # noqa: E731  # fmt: skip
+        path = [start]
+        first = sorted(steps(start), key=lambda n: n[1])  # by column: left first
+        if first:
+            left = rng.random() < self.p_left
+            pick = first[0] if left or len(first) == 1 else first[-1]
+            self.route = ("left" if pick[1] < start[1] else "right") if pick[1] != start[1] else "straight"
+            path.append(pick)
+        while dist[path[-1]] > 0:
+            path.append(steps(path[-1])[0])
+        self._path = path[1:]
+        self._k = 0
+        self._xi = float(rng.uniform(0.0, self.noise)) if self.noise > 0 else 0.0
+        self._rng = rng
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        o = np.asarray(obs, dtype=np.float64)
+        pos, vel = o[4:6], o[6:8]
+        targets = [self._xy(c) for c in self._path[:-1]] + [self._goal]
+        while self._k < len(targets) - 1 and np.linalg.norm(targets[self._k] - pos) < self.switch_radius:
+            self._k += 1
+        action = self.kp * (targets[self._k] - pos) - self.kd * vel
+        if self._xi > 0:
+            action = action + self._rng.normal(0.0, self._xi, size=2)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+    def episode_info(self, observations: np.ndarray) -> dict[str, Any]:
+        xy = np.asarray(observations, dtype=np.float64)[:, 4:6]
+        start = xy[0, 0]
+        side = "none" if len(xy) < 2 else ("left" if xy[:, 0].min() < start - 0.5 * self.scaling else "right" if xy[:, 0].max() > start + 0.5 * self.scaling else "none")
+        return {"route": self.route, "route_taken": side}
+
+    def config(self) -> dict[str, Any]:
+        return {**asdict(self), "maze_map": [list(r) for r in self.maze_map]}
 
 
 #: OGBench's arm sampling box (``ManipSpaceEnv._arm_sampling_bounds``): where the oracle parks the arm after a placement
@@ -195,7 +298,13 @@ def make_demo_env(env_id: str, env_kwargs: dict[str, Any] | None = None, max_ste
     """The gymnasium env ``record_demos`` uses for ``env_id`` (EnvError if no expert exists for it)."""
     if env_id not in SUPPORTED_ENVS:
         raise EnvError(f"no scripted expert for '{env_id}'; supported: {', '.join(SUPPORTED_ENVS)}")
-    if env_id != MAZE_ID:
+    if env_id in ROBOTICS_MAZES:
+        from genrl_envs.gym import check_env_id
+
+        check_env_id(env_id)  # registers gymnasium-robotics' ids (and genrl's) when it is installed
+        if env_id not in gym.registry:
+            raise EnvError(f"'{env_id}' needs gymnasium-robotics: pip install gymnasium-robotics")
+    elif env_id != MAZE_ID:
         try:
             import ogbench.manipspace  # noqa: F401  registers the cube ids
         except ImportError:
@@ -205,7 +314,9 @@ def make_demo_env(env_id: str, env_kwargs: dict[str, Any] | None = None, max_ste
     extra = {} if max_steps is None else {"max_episode_steps": int(max_steps)}
     try:
         with _quiet_boxes():
-            return gym.make(env_id, **(env_kwargs or {}), **extra)
+            env = gym.make(env_id, **(env_kwargs or {}), **extra)
+        # Dict observations flattened exactly as genrl's training envs do (envs.gym._make_flat)
+        return gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
     except (TypeError, ValueError, AssertionError) as exc:
         raise EnvError(f"cannot make '{env_id}' with env_kwargs {env_kwargs or {}}: {exc}") from None
 
@@ -218,6 +329,13 @@ def make_expert(env_id: str, env_kwargs: dict[str, Any] | None = None, **options
         if env_id == MAZE_ID:
             maze_map = (env_kwargs or {}).get("maze_map") or DEFAULT_MAP
             return MazeExpert(maze_map=tuple(maze_map), **options)
+        if env_id in ROBOTICS_MAZES:
+            make_demo_env(env_id).close()  # registers the id (or says what to install)
+            kwargs = {**gym.spec(env_id).kwargs, **(env_kwargs or {})}
+            maze_map = kwargs.get("maze_map")
+            if maze_map is None:
+                raise EnvError(f"'{env_id}' has no maze_map to plan on (pass it in env_kwargs)")
+            return RoboticsMazeExpert(maze_map=tuple(tuple(r) for r in maze_map), scaling=float(kwargs.get("maze_size_scaling", 1.0)), **options)
         return CubeExpert(**options)
     except TypeError as exc:
         raise EnvError(f"bad expert option for '{env_id}': {exc}") from None

@@ -73,6 +73,9 @@ def _register_project_envs() -> None:
             import gymnasium_robotics
 
             gym.register_envs(gymnasium_robotics)
+            from genrl_envs.maze import register_robotics_maze
+
+            register_robotics_maze()
         except ImportError:
             pass
         try:  # DeepMind Control Suite tasks dmc/HopperStand-v0, ... when dm_control imports (envs.dmc)

@@ -203,3 +203,25 @@ class PointMazeEnv(gym.Env):
 
 if ENV_ID not in gym.registry:
     gym.register(id=ENV_ID, entry_point="genrl_envs.maze:PointMazeEnv", max_episode_steps=MAX_EPISODE_STEPS)
+
+
+ROBOTICS_ENV_ID = "genrl/RoboticsPointMaze-v0"
+
+
+def robotics_map(maze_map: Sequence[str] = DEFAULT_MAP) -> list[list[Any]]:
+    """``maze_map`` in gymnasium-robotics' notation: 1 wall, 0 free, "r" the reset cell, "g" the goal."""
+    code = {"#": 1, ".": 0, "S": "r", "s": "r", "G": "g", "g": "g"}
+    return [[code[ch] for ch in row] for row in maze_map]
+
+
+def register_robotics_maze() -> None:
+    """Register ``genrl/RoboticsPointMaze-v0``: gymnasium-robotics' MuJoCo PointMaze on this
+    module's two-route map, ending at the goal (``continuing_task=False``), 300 steps (its UMaze
+    limit). Call after gymnasium-robotics has registered its own ids."""
+    if ROBOTICS_ENV_ID not in gym.registry:
+        gym.register(
+            ROBOTICS_ENV_ID,
+            entry_point="gymnasium_robotics.envs.maze.point_maze:PointMazeEnv",
+            kwargs={"maze_map": robotics_map(), "continuing_task": False, "reset_target": False, "reward_type": "dense"},
+            max_episode_steps=300,
+        )

@@ -59,6 +59,24 @@ def test_maze_expert_succeeds_and_takes_both_routes_in_proportion() -> None:
     assert right["success"].all() and {e["route_taken"] for e in right["meta"]["episodes"]} == {"right"}
 
 
+def test_robotics_pointmaze_expert_plans_both_routes_on_the_mujoco_maze() -> None:
+    pytest.importorskip("gymnasium_robotics")
+    from genrl_envs import make_env
+
+    data = record_demos("genrl/RoboticsPointMaze-v0", 20, seed=0, expert_options={"p_left": 0.5})
+    episodes = data["meta"]["episodes"]
+    assert data["success"].all() and (data["lengths"] < 300).all()  # the episode ends at the goal
+    assert all(e["route"] == e["route_taken"] for e in episodes) and {e["route"] for e in episodes} == {"left", "right"}
+    assert data["obs"].shape[1] == 8 and data["actions"].shape[1] == 2
+    env = make_env("genrl/RoboticsPointMaze-v0", 1, normalize_obs=False, normalize_reward=False)  # what BC and PPO train on
+    np.testing.assert_array_equal(env.reset(seed=0)[0].numpy(), data["obs"][0])  # the same flattened layout and start
+    env.close()
+    left = record_demos("genrl/RoboticsPointMaze-v0", 3, seed=1, expert_options={"p_left": 1.0})
+    assert {e["route_taken"] for e in left["meta"]["episodes"]} == {"left"}
+    umaze = record_demos("PointMaze_UMaze-v3", 2, seed=0, env_kwargs={"continuing_task": False})  # gymnasium-robotics' own map
+    assert umaze["success"].all()
+
+
 def test_cube_oracle_records_successful_pick_and_place() -> None:
     pytest.importorskip("ogbench")
     data = record_demos("cube-single-v0", 2, seed=0)  # OGBench's evaluation tasks 1 and 2
