@@ -113,6 +113,11 @@ class MazeExpert:
         return {**asdict(self), "maze_map": list(self.maze_map)}
 
 
+def _neighbours(cell: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    r, c = cell
+    return (r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)
+
+
 @dataclass
 class RoboticsMazeExpert:
     """Planner + PD controller for gymnasium-robotics' PointMaze (flattened observation
@@ -165,16 +170,18 @@ class RoboticsMazeExpert:
         frontier = [goal]
         while frontier:  # breadth-first distances from the goal cell
             nxt = []
-            for r, c in frontier:
-                for cell in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
-                    if self._free(cell) and cell not in dist:
-                        dist[cell] = dist[(r, c)] + 1
-                        nxt.append(cell)
+            for cell in frontier:
+                for n in _neighbours(cell):
+                    if self._free(n) and n not in dist:
+                        dist[n] = dist[cell] + 1
+                        nxt.append(n)
             frontier = nxt
         if start not in dist:
             raise EnvError(f"robotics maze expert: no path from cell {start} to the goal's cell {goal}")
-        steps = lambda cell: [n for n in ((cell[0] - 1, cell[1]), (cell[0] + 1, cell[1]), (cell[0], cell[1] - 1), (cell[0], cell[1] + 1))
-                              if dist.get(n) == dist[cell] - 1]  # noqa: E731  # fmt: skip
+
+        def steps(cell: tuple[int, int]) -> list[tuple[int, int]]:  # the neighbours one step closer to the goal
+            return [n for n in _neighbours(cell) if dist.get(n) == dist[cell] - 1]
+
         path = [start]
         first = sorted(steps(start), key=lambda n: n[1])  # by column: left first
         if first:
