@@ -70,7 +70,11 @@ def _register_project_envs() -> None:
     if not _ROBOTICS_TRIED:
         _ROBOTICS_TRIED = True
         try:  # optional extra `genrl[robotics]`: PointMaze_*, AntMaze_*, Fetch*, ...
-            import gymnasium_robotics
+            import contextlib
+            import io
+
+            with contextlib.redirect_stderr(io.StringIO()):  # its import prints a notice about Adroit tasks genrl does not use
+                import gymnasium_robotics
 
             gym.register_envs(gymnasium_robotics)
             from genrl_envs.maze import register_robotics_maze
