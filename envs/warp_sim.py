@@ -283,6 +283,56 @@ class WarpSim:
         self._graphs.clear()
 
 
+def compare_with_gymnasium(sim: WarpSim, steps: int, *, resync: bool, edit: Callable[[Any], None] | None = None) -> tuple[float, float, int, int]:
+    """Step ``sim`` and one gymnasium (C MuJoCo) env per world with the same random actions.
+
+    Every world starts from gymnasium's reset state copied into it; ``resync`` copies the Warp
+    state into gymnasium before every step (for tasks whose dynamics amplify float32 rounding);
+    ``edit`` changes gymnasium's models as ``WarpSim(edit_model=...)`` changed the Warp one.
+    Returns (max |obs error|, max |reward error|, terminations, steps where a world's termination
+    differs).
+    """
+    import gymnasium as gym
+
+    envs = [gym.make(sim.env_id) for _ in range(sim.n_envs)]
+    raw: list[Any] = [env.unwrapped for env in envs]  # gymnasium's MujocoEnv
+    if edit is not None:
+        for u in raw:
+            edit(u.model)
+
+    def start(i: int) -> None:  # gymnasium's reset (mj_resetData), then the Warp world's initial state
+        envs[i].reset(seed=i)
+        raw[i].set_state(sim.qpos[i].double().cpu().numpy(), sim.qvel[i].double().cpu().numpy())
+
+    sim.reset(1)
+    for i in range(sim.n_envs):
+        start(i)
+    gen = torch.Generator().manual_seed(0)
+    obs_err = rew_err = 0.0
+    terminations = mismatched = 0
+    for _ in range(steps):
+        action = torch.rand(sim.n_envs, sim.action_dim, generator=gen) * 2 - 1
+        if resync:
+            for i, u in enumerate(raw):
+                data = u.data
+                data.qpos[:], data.qvel[:] = sim.qpos[i].cpu().numpy(), sim.qvel[i].cpu().numpy()
+                data.qacc_warmstart[:] = sim.qacc_warmstart[i].cpu().numpy()
+        obs, reward, terminated, _ = (t.cpu() for t in sim.step(action.to(sim.device)))
+        for i, env in enumerate(envs):
+            g_obs, g_reward, g_terminated, _, _ = env.step(action[i].double().numpy())
+            obs_err = max(obs_err, float(np.abs(g_obs - obs[i].numpy()).max()))
+            rew_err = max(rew_err, abs(float(g_reward) - float(reward[i])))
+            mismatched += int(g_terminated != bool(terminated[i]))
+        if terminated.any():
+            terminations += int(terminated.sum())
+            sim.reset_done(terminated.to(sim.device))
+            for world in torch.nonzero(terminated).flatten().tolist():
+                start(world)
+    for env in envs:
+        env.close()
+    return obs_err, rew_err, terminations, mismatched
+
+
 def make_warp_env(
     env_id: str,
     n_envs: int,
@@ -303,4 +353,4 @@ def make_warp_env(
     return TensorVectorEnv(sim, backend="warp", **wrapper_kwargs)
 
 
-__all__ = ["WARP_TASKS", "LocomotionTask", "WarpSim", "WarpTask", "make_warp_env", "warp_task"]
+__all__ = ["WARP_TASKS", "LocomotionTask", "WarpSim", "WarpTask", "compare_with_gymnasium", "make_warp_env", "warp_task"]
