@@ -98,19 +98,26 @@ class MazeExpert:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         pos, vel = np.asarray(obs[:2], dtype=np.float64), np.asarray(obs[2:4], dtype=np.float64)
-        waypoints = self._routes[self.route]
-        while self._k < len(waypoints) - 1 and np.linalg.norm(waypoints[self._k] - pos) < self.switch_radius:
-            self._k += 1
-        action = self.kp * (waypoints[self._k] - pos) - self.kd * vel
-        if self._xi > 0:
-            action = action + self._rng.normal(0.0, self._xi, size=2)
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        self._k, action = _follow(self._routes[self.route], self._k, pos, vel, self)
+        return action
 
     def episode_info(self, observations: np.ndarray) -> dict[str, Any]:
         return {"route": self.route, "route_taken": route_taken(observations, self._block)}
 
     def config(self) -> dict[str, Any]:
         return {**asdict(self), "maze_map": list(self.maze_map)}
+
+
+def _follow(waypoints: Any, k: int, pos: np.ndarray, vel: np.ndarray, c: Any) -> tuple[int, np.ndarray]:
+    """The point-mass experts' controller: advance past waypoints closer than ``c.switch_radius``,
+    then ``c.kp (waypoint - pos) - c.kd vel`` plus the episode's action noise (``c._xi``), clipped
+    to [-1, 1]; returns the waypoint index and the action."""
+    while k < len(waypoints) - 1 and np.linalg.norm(waypoints[k] - pos) < c.switch_radius:
+        k += 1
+    action = c.kp * (waypoints[k] - pos) - c.kd * vel
+    if c._xi > 0:
+        action = action + c._rng.normal(0.0, c._xi, size=2)
+    return k, np.clip(action, -1.0, 1.0).astype(np.float32)
 
 
 def _neighbours(cell: tuple[int, int]) -> tuple[tuple[int, int], ...]:
@@ -198,14 +205,9 @@ class RoboticsMazeExpert:
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         o = np.asarray(obs, dtype=np.float64)
-        pos, vel = o[4:6], o[6:8]
         targets = [self._xy(c) for c in self._path[:-1]] + [self._goal]
-        while self._k < len(targets) - 1 and np.linalg.norm(targets[self._k] - pos) < self.switch_radius:
-            self._k += 1
-        action = self.kp * (targets[self._k] - pos) - self.kd * vel
-        if self._xi > 0:
-            action = action + self._rng.normal(0.0, self._xi, size=2)
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        self._k, action = _follow(targets, self._k, o[4:6], o[6:8], self)
+        return action
 
     def episode_info(self, observations: np.ndarray) -> dict[str, Any]:
         xy = np.asarray(observations, dtype=np.float64)[:, 4:6]
