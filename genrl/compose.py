@@ -67,7 +67,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the exact bounds at the ends (rounding would otherwise leave 1 - 1e-16 above an all-success rate)
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
 
 
 def bootstrap_interval(x: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -278,7 +279,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         ax.fill_between(w, lo, hi, alpha=0.2, label="validation 95% CI")
         ax.plot(w, s, "o-", label="validation")
         for name, r in report["test"].items():
-            ax.errorbar([r["weights"][0]], [r["success_rate"]], yerr=[[r["success_rate"] - r["success_ci95"][0]], [r["success_ci95"][1] - r["success_rate"]]],
+            err = [[max(0.0, r["success_rate"] - r["success_ci95"][0])], [max(0.0, r["success_ci95"][1] - r["success_rate"])]]
+            ax.errorbar([r["weights"][0]], [r["success_rate"]], yerr=err,
                         fmt="s" if name == "composition" else "^", capsize=3, label=f"test: {name}")  # fmt: skip
         ax.set_xlabel("weight of parent 1 (parent 2: 1 - w)")
         ax.set_ylabel("success rate")

@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--val-episodes", type=int, default=100)
     p.add_argument("--test-episodes", type=int, default=200)
     p.add_argument("--ppo-steps", type=int, default=20_000)
+    p.add_argument("--views-seed", type=int, default=0, help="training seed of the views pair's parents (another pair per seed)")
     p.add_argument("--view-step", type=float, help="resolution of the coarse sensors of the views pair (default per task)")
     p.add_argument("--skip", nargs="*", default=[], choices=["moderate", "weak", "views", "ppo"])
     p.add_argument("--out", default="bench_out/gpc")
@@ -139,8 +140,10 @@ def main() -> None:
         parents = []
         for axis, dims in zip("xy", TASKS[args.task]["views"], strict=True):
             view = {str(d): step for d in dims}
-            parents.append(bc_parent(args.task, "diffusion", data, diff_steps, root / f"bc-diffusion-coarse-{axis}-{step:g}", view=view))
-        rep = compose_pair(parents, root / f"gpc-views-{step:g}", args.val_episodes, args.test_episodes)
+            name = f"bc-diffusion-coarse-{axis}-{step:g}" + (f"-s{args.views_seed}" if args.views_seed else "")
+            parents.append(bc_parent(args.task, "diffusion", data, diff_steps, root / name, seed=args.views_seed, view=view))
+        tag = f"{step:g}" + (f"-s{args.views_seed}" if args.views_seed else "")
+        rep = compose_pair(parents, root / f"gpc-views-{tag}", args.val_episodes, args.test_episodes)
         lines += ["", f"## Different sensors: coarse x vs coarse y (step {step:g})", "", markdown(rep)]
     if "weak" not in args.skip:
         weak = bc_parent(args.task, "fpo", data, args.weak_steps, root / "bc-fpo-weak", seed=1)
