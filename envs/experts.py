@@ -59,7 +59,42 @@ class Expert(Protocol):
 
 
 @dataclass
-class MazeExpert:
+class _WaypointExpert:
+    """What the point-mass experts share: the route draw (``p_left``), per-episode action noise
+    (a level xi ~ U(0, ``noise``) per episode, N(0, xi^2) on every action) and the PD controller
+    that follows waypoints, switching to the next one within ``switch_radius``."""
+
+    p_left: float = 0.5
+    kp: float = 1.0
+    kd: float = 0.0
+    switch_radius: float = 0.5
+    noise: float = 0.0
+
+    def _check(self, what: str, extra_ok: bool = True, extra: str = "") -> None:
+        if not 0.0 <= self.p_left <= 1.0 or self.noise < 0.0 or self.switch_radius <= 0.0 or not extra_ok:
+            raise EnvError(f"{what}: need 0 <= p_left <= 1, noise >= 0{extra} and switch_radius > 0")
+        self._k, self._xi = 0, 0.0
+        self._rng = np.random.default_rng(0)
+
+    def _start_episode(self, rng: np.random.Generator) -> None:
+        """After the route draw: back to the first waypoint, this episode's noise level."""
+        self._k = 0
+        self._xi = float(rng.uniform(0.0, self.noise)) if self.noise > 0 else 0.0
+        self._rng = rng
+
+    def _follow(self, waypoints: Any, pos: np.ndarray, vel: np.ndarray) -> np.ndarray:
+        """Advance past waypoints closer than ``switch_radius``, then ``kp (waypoint - pos) - kd vel``
+        plus the episode's noise, clipped to [-1, 1]."""
+        while self._k < len(waypoints) - 1 and np.linalg.norm(waypoints[self._k] - pos) < self.switch_radius:
+            self._k += 1
+        action = self.kp * (waypoints[self._k] - pos) - self.kd * vel
+        if self._xi > 0:
+            action = action + self._rng.normal(0.0, self._xi, size=2)
+        return np.clip(action, -1.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class MazeExpert(_WaypointExpert):
     """Waypoint PD controller for genrl/PointMaze-v0 (obs [x, y, vx, vy], action = acceleration).
 
     The waypoints are the corners of the corridor on the chosen side of the map's interior
@@ -69,37 +104,27 @@ class MazeExpert:
     xi ~ U(0, noise) and adds N(0, xi^2) to every action.
     """
 
-    maze_map: tuple[str, ...] = DEFAULT_MAP
-    p_left: float = 0.5
     kp: float = 2.0
     kd: float = 0.8
-    switch_radius: float = 0.5
-    noise: float = 0.0
+    maze_map: tuple[str, ...] = DEFAULT_MAP
     name: str = field(default="maze-waypoint-pd", init=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p_left <= 1.0 or self.noise < 0.0 or self.switch_radius <= 0.0:
-            raise EnvError("maze expert: need 0 <= p_left <= 1, noise >= 0 and switch_radius > 0")
+        self._check("maze expert")
         self.maze_map = tuple(self.maze_map)
         _, start, goal, _, _ = parse_map(self.maze_map)
         self._block = interior_block(self.maze_map)
         xmin, xmax = self._block[:2]
         self._routes = {side: np.array([(x, start[1]), (x, goal[1]), tuple(goal)]) for side, x in (("left", xmin - 0.5), ("right", xmax + 0.5))}
         self.route = "left"
-        self._k = 0
-        self._xi = 0.0
-        self._rng = np.random.default_rng(0)
 
     def reset(self, obs: np.ndarray, info: dict[str, Any], rng: np.random.Generator) -> None:
         self.route = "left" if rng.random() < self.p_left else "right"
-        self._k = 0
-        self._xi = float(rng.uniform(0.0, self.noise)) if self.noise > 0 else 0.0
-        self._rng = rng
+        self._start_episode(rng)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         pos, vel = np.asarray(obs[:2], dtype=np.float64), np.asarray(obs[2:4], dtype=np.float64)
-        self._k, action = _follow(self._routes[self.route], self._k, pos, vel, self)
-        return action
+        return self._follow(self._routes[self.route], pos, vel)
 
     def episode_info(self, observations: np.ndarray) -> dict[str, Any]:
         return {"route": self.route, "route_taken": route_taken(observations, self._block)}
@@ -108,25 +133,13 @@ class MazeExpert:
         return {**asdict(self), "maze_map": list(self.maze_map)}
 
 
-def _follow(waypoints: Any, k: int, pos: np.ndarray, vel: np.ndarray, c: Any) -> tuple[int, np.ndarray]:
-    """The point-mass experts' controller: advance past waypoints closer than ``c.switch_radius``,
-    then ``c.kp (waypoint - pos) - c.kd vel`` plus the episode's action noise (``c._xi``), clipped
-    to [-1, 1]; returns the waypoint index and the action."""
-    while k < len(waypoints) - 1 and np.linalg.norm(waypoints[k] - pos) < c.switch_radius:
-        k += 1
-    action = c.kp * (waypoints[k] - pos) - c.kd * vel
-    if c._xi > 0:
-        action = action + c._rng.normal(0.0, c._xi, size=2)
-    return k, np.clip(action, -1.0, 1.0).astype(np.float32)
-
-
 def _neighbours(cell: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     r, c = cell
     return (r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)
 
 
 @dataclass
-class RoboticsMazeExpert:
+class RoboticsMazeExpert(_WaypointExpert):
     """Planner + PD controller for gymnasium-robotics' PointMaze (flattened observation
     [achieved_goal (2), desired_goal (2), x, y, vx, vy], action = force in [-1, 1]^2).
 
@@ -138,24 +151,20 @@ class RoboticsMazeExpert:
     (rows of 1 wall / 0 free / "r" reset / "g" goal / "c" either), ``scaling`` its cell size.
     """
 
-    maze_map: tuple[tuple[Any, ...], ...]
-    scaling: float = 1.0
-    p_left: float = 0.5
     kp: float = 10.0
     kd: float = 1.0
     switch_radius: float = 0.3
-    noise: float = 0.0
+    maze_map: tuple[tuple[Any, ...], ...] = ()
+    scaling: float = 1.0
     name: str = field(default="robotics-maze-bfs-pd", init=False)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p_left <= 1.0 or self.noise < 0.0 or self.switch_radius <= 0.0 or self.scaling <= 0.0:
-            raise EnvError("robotics maze expert: need 0 <= p_left <= 1, noise >= 0, switch_radius > 0 and scaling > 0")
+        self._check("robotics maze expert", bool(self.maze_map) and self.scaling > 0.0, ", a maze_map, scaling > 0")
         self.maze_map = tuple(tuple(row) for row in self.maze_map)
         self._rows, self._cols = len(self.maze_map), len(self.maze_map[0])
         self._path: list[tuple[int, int]] = []
         self.route = "none"
-        self._k, self._xi, self._goal = 0, 0.0, np.zeros(2)
-        self._rng = np.random.default_rng(0)
+        self._goal = np.zeros(2)
 
     def _xy(self, cell: tuple[int, int]) -> np.ndarray:
         """gymnasium-robotics' ``Maze.cell_rowcol_to_xy``: the map centred on the origin, y up."""
@@ -199,15 +208,11 @@ class RoboticsMazeExpert:
         while dist[path[-1]] > 0:
             path.append(steps(path[-1])[0])
         self._path = path[1:]
-        self._k = 0
-        self._xi = float(rng.uniform(0.0, self.noise)) if self.noise > 0 else 0.0
-        self._rng = rng
+        self._start_episode(rng)
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         o = np.asarray(obs, dtype=np.float64)
-        targets = [self._xy(c) for c in self._path[:-1]] + [self._goal]
-        self._k, action = _follow(targets, self._k, o[4:6], o[6:8], self)
-        return action
+        return self._follow([self._xy(c) for c in self._path[:-1]] + [self._goal], o[4:6], o[6:8])
 
     def episode_info(self, observations: np.ndarray) -> dict[str, Any]:
         xy = np.asarray(observations, dtype=np.float64)[:, 4:6]
