@@ -42,6 +42,9 @@ A action dim.
   reward, but returns comparable in distribution, not step by step.
 * Observations: EnvPool's float64 arrays copied into torch's allocator as float32 CPU tensors
   (``torch.tensor``; see ``envs.gym._aligned`` for why the copy).
+* Calls: a step is EnvPool's two C++ calls (``_send`` / ``_recv``) with the fields looked up by
+  their position in EnvPool's flat state list, found once per pool; EnvPool's Python
+  ``send`` / ``recv`` rebuild the same structures on every call (tested equal to them).
 """
 
 from __future__ import annotations
@@ -215,7 +218,7 @@ class EnvPoolSim:
         act = self._env.action_space
         if not isinstance(act, gym.spaces.Box):
             raise EnvError(f"EnvPool's {env_id} has a {type(act).__name__} action space; genrl's control back end needs Box actions")
-        self.obs_dim, self._obs_keys = _flat_box(self._env.observation_space, env_id)
+        self.obs_dim, _ = _flat_box(self._env.observation_space, env_id)
         self.action_dim = int(np.prod(act.shape))
         self.action_low = np.asarray(act.low, dtype=np.float32).reshape(-1)
         self.action_high = np.asarray(act.high, dtype=np.float32).reshape(-1)
@@ -242,20 +245,57 @@ class EnvPoolSim:
         except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
             raise EnvError(f"cannot create EnvPool's {self.env_id} with env_kwargs {self._kwargs}: {str(exc).splitlines()[0]}") from None
         self._seed, self._fresh = int(seed), True
+        self._layout()
+
+    def _layout(self) -> None:
+        """Where each field sits in EnvPool's flat C++ state and action lists, so a step is two
+        C++ calls and a few array lookups (EnvPool's Python ``send`` / ``recv`` rebuild the same
+        structures through optree and config lookups on every call, ~40% of an 8-world step)."""
+        env = self._env
+        keys = list(env._state_keys)
+        index = {k: i for i, k in enumerate(keys)}
+        _, space_keys = _flat_box(env.observation_space, self.env_id)
+        if space_keys is not None:  # a Dict of Boxes, flattened in the space's key order
+            self._obs_idx = [index[f"obs:{k}"] for k in space_keys]
+        else:  # a Box: "obs", or a one-key dict EnvPool's gymnasium wrapper unwraps
+            self._obs_idx = [index["obs"] if "obs" in index else next(i for k, i in index.items() if k.startswith("obs:"))]
+        self._id_idx, self._done_idx, self._trunc_idx, self._rew_idx = index["info:env_id"], index["done"], index["trunc"], index["reward"]
+        self._info_idx = {k[5:]: i for k, i in index.items() if k.startswith("info:") and k != "info:players.env_id"}
+        self._info_idx["elapsed_step"] = index["elapsed_step"]
+        self._send_args = env._from(np.zeros((self.n_envs, *env.action_space.shape)), None)
+        self._act_pos = len(env._action_keys) - 1  # env_id, players.env_id, then the action
+
+    def _send(self, action64: np.ndarray) -> None:
+        args = list(self._send_args)
+        args[self._act_pos] = action64
+        self._env._send(args)
+
+    def _recv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """(obs (B, O) float64, reward float32, terminated, truncated, info, env_id) of the next
+        batch EnvPool returns, in its row order."""
+        state = self._env._recv()
+        parts = [state[i] for i in self._obs_idx]
+        obs = parts[0].reshape(len(parts[0]), -1) if len(parts) == 1 else np.concatenate([x.reshape(len(x), -1) for x in parts], axis=1)
+        trunc = state[self._trunc_idx]
+        info = {k: state[i] for k, i in self._info_idx.items()}
+        return obs, state[self._rew_idx], state[self._done_idx] & ~trunc, trunc, info, state[self._id_idx]
 
     # -- conversion -----------------------------------------------------------------------------
-    def _flat(self, obs: Any) -> np.ndarray:
-        if self._obs_keys is None:
-            return np.asarray(obs).reshape(len(obs), -1)
-        return np.concatenate([np.asarray(obs[k]).reshape(len(obs[k]), -1) for k in self._obs_keys], axis=1)
-
     @staticmethod
     def _tensor(array: np.ndarray) -> Tensor:
         """A float32 copy in torch's allocator (``envs.gym._aligned``)."""
         return torch.tensor(array, dtype=torch.float32)
 
-    def _action(self, action: Tensor) -> np.ndarray:
-        return action.detach().to("cpu", torch.float32).numpy()
+    def _in_order(self, env_id: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+        """``arrays`` with their rows put in world order (EnvPool returns them as threads finish)."""
+        if np.array_equal(env_id, self._ids):
+            return list(arrays)
+        out = []
+        for a in arrays:
+            b = np.empty_like(a)
+            b[env_id] = a
+            out.append(b)
+        return out
 
     # -- BatchedSim -----------------------------------------------------------------------------
     def reset(self, seed: int) -> Tensor:
@@ -266,20 +306,20 @@ class EnvPoolSim:
         if not (self._fresh and int(seed) == self._seed):
             self._build(seed)
         self._fresh = False
-        obs, info = self._env.reset()
+        self._env._reset(self._env.all_env_ids)
+        obs, *_, env_id = self._recv()
         self._ended[:] = False
-        flat = self._flat(obs)
-        order = self._order(info["env_id"])
-        return self._tensor(flat if order is None else flat[order])
+        return self._tensor(self._in_order(env_id, obs)[0])
 
     def reset_done(self, done: Tensor) -> Tensor:
         """Reset the worlds where ``done`` through EnvPool's partial reset; obs (N, O) whose done
         rows are their first observations (other rows zero)."""
-        ids = np.flatnonzero(done.detach().cpu().numpy())
+        ids = np.flatnonzero(done.numpy() if done.device.type == "cpu" else done.cpu().numpy())
         out = np.zeros((self.n_envs, self.obs_dim))
         if ids.size:
-            obs, info = self._env.reset(ids.astype(np.int32))
-            out[np.asarray(info["env_id"])] = self._flat(obs)
+            self._env._reset(ids.astype(np.int32))
+            obs, *_, env_id = self._recv()
+            out[env_id] = obs
             self._ended[ids] = False
         return self._tensor(out)
 
@@ -289,16 +329,16 @@ class EnvPoolSim:
         return self.step_wait()
 
     def step_async(self, action: Tensor) -> None:
-        """Send the step to EnvPool (``env.send``) and return: EnvPool's threads step the N worlds
-        (without the GIL) while the caller goes on, e.g. storing the previous transition or
-        running the learner; ``step_wait`` collects the result (``env.recv``)."""
+        """Send the step to EnvPool and return: EnvPool's threads step the N worlds (without the
+        GIL) while the caller goes on, e.g. storing the previous transition or running the
+        learner; ``step_wait`` collects the result."""
         if self._pending is not None:
             raise RuntimeError("step_async() called twice without step_wait()")
         if self._ended.any():
             ended = np.flatnonzero(self._ended).tolist()
             raise RuntimeError(f"worlds {ended} ended and were not reset (reset_done); EnvPool would reset them in place of this step")
-        a32 = self._action(action)
-        self._env.send(a32.reshape((self.n_envs, *self._action_shape)).astype(np.float64))
+        a32 = action.detach().to("cpu", torch.float32).numpy()
+        self._send(a32.reshape((self.n_envs, *self._action_shape)).astype(np.float64))
         self._pending = a32
 
     def step_wait(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -306,23 +346,14 @@ class EnvPoolSim:
         if self._pending is None:
             raise RuntimeError("step_wait() without step_async()")
         a32, self._pending = self._pending, None
-        obs, reward, terminated, truncated, info = self._env.recv()
-        obs = self._flat(obs)
-        reward, terminated, truncated = np.asarray(reward), np.asarray(terminated, dtype=bool), np.asarray(truncated, dtype=bool)
-        order = self._order(info["env_id"])
-        if order is not None:
-            obs, reward, terminated, truncated = obs[order], reward[order], terminated[order], truncated[order]
-            info = {k: np.asarray(v)[order] for k, v in info.items() if not isinstance(v, dict)}
+        obs, reward, terminated, truncated, info, env_id = self._recv()
+        if not np.array_equal(env_id, self._ids):
+            keys = list(info)
+            obs, reward, terminated, truncated, *values = self._in_order(env_id, obs, reward, terminated, truncated, *info.values())
+            info = dict(zip(keys, values, strict=True))
         reward64 = self._reward64(info, a32, reward)
         self._ended = terminated | truncated
-        return self._tensor(obs), torch.from_numpy(reward64), torch.from_numpy(terminated.copy()), torch.from_numpy(truncated.copy())
-
-    def _order(self, env_id: np.ndarray) -> np.ndarray | None:
-        """The permutation that puts EnvPool's rows in world order (None: already in order)."""
-        env_id = np.asarray(env_id)
-        if np.array_equal(env_id, self._ids):
-            return None
-        return np.argsort(env_id, kind="stable")
+        return self._tensor(obs), torch.from_numpy(reward64), torch.from_numpy(terminated), torch.from_numpy(truncated.copy())
 
     def _reward64(self, info: dict[str, Any], action: np.ndarray, reward32: np.ndarray) -> np.ndarray:
         """The float64 reward (module docstring); EnvPool's float32 reward where no rebuild applies

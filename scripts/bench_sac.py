@@ -10,8 +10,8 @@ Settings shared by both libraries (SB3's SAC defaults, which genrl's config can 
 exactly): [256, 256] ReLU actor and twin critics, Adam lr 3e-4 for actor, critics and
 temperature, batch 256, gamma 0.99, tau 0.005, one gradient step per env step with the actor
 updated every step, automatic temperature from alpha 1 with target entropy -|A|, replay 1M,
-``--learning-starts`` uniform-random steps (default 5000, CleanRL's), one env, one torch thread
-each. genrl's critic loss is the sum of the two MSEs where SB3 halves it; Adam makes the two
+``--learning-starts`` uniform-random steps (default 5000, CleanRL's), one env, ``--threads`` torch
+threads each (default 1). genrl's critic loss is the sum of the two MSEs where SB3 halves it; Adam makes the two
 identical up to its epsilon.
 
 ``speed`` times the gradient phase only (after learning starts), alternating which library goes
@@ -51,7 +51,8 @@ def genrl_config(env_id: str, policy: str, steps: int, seed: int, run_dir: Path,
     return config_from_dict({
         **extra, "algo": "sac", "env": {"env_id": env_id}, "policy": policy, "algo_config": algo,
         "run": {"total_steps": steps, "seed": seed, "out": str(run_dir), "progress": False, "eval_every": args.eval_every,
-                "eval_episodes": args.eval_episodes, "save_every": args.eval_every or steps, "keep_checkpoints": 1},
+                "eval_episodes": args.eval_episodes, "save_every": args.eval_every or steps, "keep_checkpoints": 1,
+                "torch_threads": args.threads},
     })  # fmt: skip
 
 
@@ -216,9 +217,10 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--goal-episodes", type=int, default=50, help="MultiGoal: stochastic episodes counted for goals reached")
     p.add_argument("--bf16", action="store_true", help="also run genrl with bfloat16 critics (algo_config.critic_dtype)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for both libraries")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     mode = args.mode
     envs = args.envs or (["genrl/MultiGoal-v0"] if mode == "multigoal" else ["dmc/CheetahRun-v0"] if mode == "gorl"
                          else ["Hopper-v5", "HalfCheetah-v5"] + (["Walker2d-v5"] if mode == "pmoe" else []))  # fmt: skip

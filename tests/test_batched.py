@@ -18,7 +18,7 @@ from genrl.config import config_from_dict
 from genrl.errors import ConfigError
 from genrl.trainer import train
 from genrl_envs import EnvError, GymVectorEnv, make_env, resolve_backend
-from genrl_envs.batched import TorchRunningMeanStd
+from genrl_envs.batched import NumpyRunningMeanStd, TorchRunningMeanStd
 from genrl_envs.maze import ENV_ID as MAZE
 from genrl_envs.maze import PointMazeEnv
 from genrl_envs.multigoal import ENV_ID as MULTIGOAL
@@ -107,6 +107,62 @@ def test_autoreset_bootstrapping_and_normalisation_agree_with_gymnasium(normaliz
         np.testing.assert_allclose(b.episode_returns, a.episode_returns, rtol=1e-9)
         term, trunc = term + int(a.terminated.sum()), trunc + int(a.truncated.sum())
     assert term > 0 and trunc > 0
+
+
+def _torch_bookkeeping(env) -> None:
+    """Switch a CPU env to the torch bookkeeping an accelerator sim uses (same state)."""
+    env._cpu = False
+    for name in ("obs_rms", "ret_rms"):
+        rms = getattr(env, name)
+        if rms is not None:
+            twin = TorchRunningMeanStd(np.shape(rms.mean), torch.device("cpu"))
+            twin.load(rms.state())
+            setattr(env, name, twin)
+    for name in ("ep_return", "ep_length", "ret_acc"):
+        setattr(env, name, torch.from_numpy(np.array(getattr(env, name))))
+
+
+@pytest.mark.parametrize("reward_scale", [1.0, 0.1])
+def test_numpy_bookkeeping_equals_torch_bookkeeping(reward_scale: float) -> None:
+    """On CPU the autoreset, episode statistics and normalisers run in numpy; on an accelerator
+    in torch. Step for step through terminations and truncations, with both normalisers, the two
+    return the same values: bitwise where the maths is element-wise, to rounding where the
+    running statistics reduce a batch."""
+    kwargs = {"env_kwargs": {"goal_radius": 2.5}, "reward_scale": reward_scale}
+    envs = [make_env(MULTIGOAL, 6, backend="torch", **kwargs) for _ in range(2)]
+    assert envs[0]._cpu and isinstance(envs[0].obs_rms, NumpyRunningMeanStd)
+    _torch_bookkeeping(envs[1])
+    first = [e.reset(seed=0) for e in envs]
+    torch.testing.assert_close(first[0], first[1], rtol=0, atol=0)
+    toward = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.1, 0.0], [0.0, -0.05], [0.3, 0.3]])
+    ends = 0
+    for t in range(130):
+        a, b = (e.step(toward * (1.0 if t % 7 else -0.5)) for e in envs)
+        for field in ("obs", "final_obs", "reward"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-6, atol=1e-6)
+        assert torch.equal(a.terminated, b.terminated) and torch.equal(a.truncated, b.truncated)
+        assert a.episode_lengths == b.episode_lengths and a.episode_returns == b.episode_returns
+        ends += len(a.episode_lengths)
+    assert ends > 6
+    sa, sb = (e.state_dict() for e in envs)
+    assert sa["meta"] == sb["meta"] and sa["arrays"].keys() == sb["arrays"].keys()
+    for key in sa["arrays"]:
+        np.testing.assert_allclose(sa["arrays"][key], sb["arrays"][key], rtol=1e-12, err_msg=key)
+
+
+def test_numpy_running_mean_std_is_gymnasiums() -> None:
+    g = np.random.default_rng(0)
+    ours, ref = NumpyRunningMeanStd((3,)), RunningMeanStd(shape=(3,))
+    for n in (1, 5, 1, 64, 2):
+        x = g.normal(size=(n, 3)) * 4 + 1
+        ours.update(x)
+        ref.update(x)
+        np.testing.assert_allclose(ours.mean, ref.mean, rtol=1e-12)
+        np.testing.assert_allclose(ours.var, ref.var, rtol=1e-12)
+        assert ours.count == pytest.approx(ref.count)
+    twin = NumpyRunningMeanStd((3,))
+    twin.load(ours.state())
+    assert np.array_equal(twin.mean, ours.mean) and np.array_equal(twin.var, ours.var) and twin.count == ours.count
 
 
 @pytest.mark.parametrize("env_id", [MULTIGOAL, MAZE])

@@ -168,14 +168,12 @@ def test_seeding_and_no_snapshot() -> None:
 def test_rows_are_put_in_world_order() -> None:
     """EnvPool may hand rows back in any order; EnvPoolSim sorts them by info["env_id"]."""
     sims = [EnvPoolSim("Hopper-v5", 3) for _ in range(2)]
-    real_recv = sims[1]._env.recv
+    real_recv = sims[1]._env._recv
 
-    def reversed_recv(*args, **kwargs):
-        *arrays, info = real_recv(*args, **kwargs)  # (obs, info) after a reset, (obs, r, te, tr, info) after a step
-        rev = slice(None, None, -1)
-        return *(x[rev] for x in arrays), {k: v if isinstance(v, dict) else v[rev] for k, v in info.items()}
+    def reversed_recv():  # EnvPool's flat state list (every field has one row per world)
+        return [x[::-1] for x in real_recv()]
 
-    sims[1]._env.recv = reversed_recv
+    sims[1]._env._recv = reversed_recv
     action = torch.rand(3, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
     out = [(sim.reset(0), *sim.step(action)) for sim in sims]
     for a, b in zip(*out):
@@ -185,12 +183,24 @@ def test_rows_are_put_in_world_order() -> None:
 
 
 def test_dict_observations_are_flattened() -> None:
+    """A Dict of Boxes becomes one row per world in the space's key order, as EnvPool's own
+    gymnasium API returns it (genrl reads EnvPool's flat state list directly)."""
     sim = EnvPoolSim("CheetahRun-v1", 2)
     assert sim.obs_dim == 17 and sim.action_dim == 6  # position 8 + velocity 9
-    sim.reset(0)
-    obs, reward, _, _ = sim.step(torch.zeros(2, 6))
+    pool = envpool.make("CheetahRun-v1", env_type="gymnasium", num_envs=2, batch_size=2, num_threads=1, seed=0, env_seed=[0, 1])
+    want, _ = pool.reset()
+    flat = lambda o: torch.tensor(np.concatenate([o["position"], o["velocity"]], axis=1), dtype=torch.float32)  # noqa: E731
+    torch.testing.assert_close(sim.reset(0), flat(want), rtol=0, atol=0)
+    action = np.random.default_rng(0).uniform(-1, 1, (2, 6)).astype(np.float32)
+    obs, reward, terminated, truncated = sim.step(torch.from_numpy(action))
+    o, r, te, tr, info = pool.step(action.astype(np.float64))
+    order = np.argsort(info["env_id"])
     assert obs.shape == (2, 17) and obs.dtype == torch.float32 and reward.shape == (2,)
+    torch.testing.assert_close(obs, flat({k: v[order] for k, v in o.items()}), rtol=0, atol=0)
+    np.testing.assert_array_equal(reward.numpy(), r[order].astype(np.float64))
+    assert terminated.tolist() == te[order].tolist() and truncated.tolist() == tr[order].tolist()
     sim.close()
+    pool.close()
 
 
 # -- errors ---------------------------------------------------------------------------------------
