@@ -190,7 +190,7 @@ class TensorVectorEnv:
     def _zeros(self, n: int, dtype: torch.dtype) -> Any:
         """A state vector: numpy on CPU, a tensor on the sim's device otherwise."""
         if self._cpu:
-            return np.zeros(n, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+            return np.zeros(n, dtype={torch.float64: np.float64, torch.long: np.int64}[dtype])
         return torch.zeros(n, dtype=dtype, device=self.device)
 
     def _state_array(self, array: Any) -> Any:
@@ -321,7 +321,7 @@ class TensorVectorEnv:
         returns: list[float] = []
         lengths: list[int] = []
         any_done = bool(done.any())
-        obs = obs_t.numpy()
+        obs = raw = obs_t.numpy()
         final = obs
         if any_done:
             returns = self.ep_return[done].tolist()
@@ -344,7 +344,7 @@ class TensorVectorEnv:
         out_reward = reward64.astype(np.float32)
         if self.reward_scale != 1.0:
             out_reward = out_reward * np.float32(self.reward_scale)
-        obs_out = torch.tensor(obs)  # torch's allocator (envs.gym._aligned); also detaches from the sim's arrays
+        obs_out = obs_t if obs is raw else torch.tensor(obs)  # new values go to torch's allocator (envs.gym._aligned)
         return StepResult(
             obs=obs_out, reward=torch.from_numpy(out_reward), terminated=torch.from_numpy(terminated), truncated=torch.from_numpy(truncated),
             final_obs=obs_out if final is obs else torch.tensor(final), episode_returns=returns, episode_lengths=lengths,
