@@ -152,7 +152,8 @@ def run_genrl(
         rows = list(csv.DictReader(f))
     train_s = sum(float(r["time/rollout_s"]) + float(r["time/update_s"]) for r in rows)
     rets = [float(r["rollout/ep_return"]) for r in rows if r.get("rollout/ep_return")]
-    return {"sps": steps / train_s, "wall_s": wall, "last_return": rets[-1] if rets else float("nan")}
+    split = {k: statistics.median(float(r[f"time/{k}"]) for r in rows[1:] or rows) for k in ("rollout_s", "update_s")}  # iterations after the first
+    return {"sps": steps / train_s, "wall_s": wall, "last_return": rets[-1] if rets else float("nan"), **split}
 
 
 def run_sb3(env_id: str, n_envs: int, steps: int, seed: int, subproc: bool) -> dict[str, Any]:
@@ -183,6 +184,7 @@ def part_ppo(args: argparse.Namespace) -> dict[str, Any]:
     n, env_id = 8, "Hopper-v5"
     names = ["genrl gymnasium", "genrl envpool sync", "genrl envpool async", "sb3 DummyVecEnv", "sb3 SubprocVecEnv"]
     results: dict[str, list[float]] = {k: [] for k in names}
+    split: dict[str, list[tuple[float, float]]] = {}  # genrl runs: (rollout s, update s) per iteration
     for rep in range(args.repeats):
         order = names if rep % 2 == 0 else names[::-1]
         for name in order:
@@ -193,9 +195,12 @@ def part_ppo(args: argparse.Namespace) -> dict[str, Any]:
                 r = run_genrl(env_id, n, args.steps, 1, out / f"{name.replace(' ', '-')}-{rep}", backend=backend,
                               vectorization="async" if "async" in name else "sync")  # fmt: skip
             results[name].append(r["sps"])
+            if "rollout_s" in r:
+                split.setdefault(name, []).append((r["rollout_s"], r["update_s"]))
             print(f"{name:22s} {r['sps']:8,.0f} steps/s", flush=True)
     med = {k: statistics.median(v) for k, v in results.items()}
-    return {"env": env_id, "n_envs": n, "steps": args.steps, "settings": PPO, "sps": med, "runs": results}
+    per_iter = {k: {"rollout_s": statistics.median(a for a, _ in v), "update_s": statistics.median(b for _, b in v)} for k, v in split.items()}
+    return {"env": env_id, "n_envs": n, "steps": args.steps, "settings": PPO, "sps": med, "runs": results, "per_iteration": per_iter}
 
 
 def part_many(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,6 +275,9 @@ def markdown(results: dict[str, Any]) -> str:
         sb3 = p["sps"]["sb3 DummyVecEnv"]
         lines += [f"Gaussian PPO, {p['env']}, {p['n_envs']} envs, {p['steps']} steps, identical settings:", "", "| run | steps/s | vs SB3 DummyVecEnv |", "|---|---|---|"]
         lines += [f"| {k} | {v:,.0f} | {v / sb3:.2f}x |" for k, v in p["sps"].items()]
+        lines.append("")
+        for k, t in p.get("per_iteration", {}).items():
+            lines.append(f"- {k}: rollout {t['rollout_s']:.2f} s + update {t['update_s']:.2f} s per iteration (median)")
         lines.append("")
     if "many" in results:
         lines += ["| envs | raw EnvPool | genrl PPO (many-env settings) | share |", "|---|---|---|---|"]
