@@ -347,10 +347,8 @@ class EnvPoolSim:
             raise RuntimeError("step_wait() without step_async()")
         a32, self._pending = self._pending, None
         obs, reward, terminated, truncated, info, env_id = self._recv()
-        if not np.array_equal(env_id, self._ids):
-            keys = list(info)
-            obs, reward, terminated, truncated, *values = self._in_order(env_id, obs, reward, terminated, truncated, *info.values())
-            info = dict(zip(keys, values, strict=True))
+        obs, reward, terminated, truncated, *values = self._in_order(env_id, obs, reward, terminated, truncated, *info.values())
+        info = dict(zip(info, values, strict=True))
         reward64 = self._reward64(info, a32, reward)
         self._ended = terminated | truncated
         return self._tensor(obs), torch.from_numpy(reward64), torch.from_numpy(terminated), torch.from_numpy(truncated.copy())
